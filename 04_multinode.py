@@ -1,0 +1,232 @@
+"""Step 04: the same DDP training on several machines (nodes), started by torchrun on each.
+
+Type the same commands on every machine; HOST is the name or address of one of them, which every
+machine can reach (its port 29500 must be open):
+
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1    # restarts then always start clean
+    torchrun --nnodes=2 --nproc_per_node=2 --rdzv_id=42 --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 --max-restarts=3 04_multinode.py 50 10
+
+New since step 03: two ranks per process. LOCAL_RANK counts the processes on this machine and
+picks the GPU; RANK counts all processes of all machines, picks the data shard, and global rank 0
+alone reports progress. Every machine reads the snapshot from --snapshot_path: on a disk all
+machines share, global rank 0 writes it; with --snapshot_per_node (each machine has its own disk),
+local rank 0 of every machine writes its own copy, so every machine can resume.
+"""
+
+import argparse
+import os
+import pickle
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from datautils import DataError, load_datasets, make_model, positive_int
+
+PROG = os.path.basename(__file__)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    parser.add_argument("total_epochs", type=positive_int, help="how many epochs to train")
+    parser.add_argument("save_every", type=positive_int, help="save a checkpoint every N epochs")
+    parser.add_argument(
+        "--batch_size", type=positive_int, default=32, help="per process; default: 32"
+    )
+    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto (default): CUDA if available, else CPU",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for data, weights, shuffling")
+    parser.add_argument(
+        "--data_dir",
+        help="folder with X_train.npy, y_train.npy, X_val.npy, "
+        "y_val.npy (default: a synthetic regression task)",
+    )
+    parser.add_argument(
+        "--snapshot_path",
+        default="snapshot.pt",
+        help="where to save the snapshot, and resume from if it exists (default: snapshot.pt)",
+    )
+    parser.add_argument(
+        "--snapshot_per_node",
+        action="store_true",
+        help="--snapshot_path is on each machine's own disk: every machine saves its own copy "
+        "(default: a disk all machines share, written by global rank 0 only)",
+    )
+    args = parser.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but PyTorch sees no CUDA GPU")
+    if "LOCAL_RANK" not in os.environ:
+        parser.error(
+            "start me with torchrun on every machine, e.g. torchrun --nnodes=2 "
+            "--nproc_per_node=2 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 " + PROG
+        )
+    return args
+
+
+def setup(device):
+    """Join the process group. Every process must call this before any collective operation."""
+    if device.type == "cuda":
+        # Pick this process's GPU *before* creating the group, or every rank uses GPU 0.
+        torch.cuda.set_device(device)
+    # NCCL talks GPU to GPU; gloo runs on CPUs (and on Windows, which has no NCCL).
+    backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+    # Rank, world size and rank 0's address come from the variables torchrun sets.
+    dist.init_process_group(backend)
+
+
+def make_loaders(train_set, val_set, batch_size, rank, world_size, seed):
+    # Each process trains on a different 1/world_size of the data, reshuffled every epoch by
+    # sampler.set_epoch(). If the data doesn't split evenly, the sampler repeats a few samples so
+    # that every rank runs the same number of steps (a rank with fewer would stall the others).
+    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, seed=seed)
+    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler)
+    # Validation: every rank takes every world_size-th sample, with no padding, so that no
+    # sample is counted twice in the validation loss.
+    val_shard = Subset(val_set, range(rank, len(val_set), world_size))
+    val_loader = DataLoader(val_shard, batch_size=batch_size)
+    return train_loader, val_loader
+
+
+def train_epoch(model, loader, loss_fn, optimizer, device):
+    """One pass over this process's share of the data. Returns (sum of losses, samples)."""
+    model.train()
+    total, count = 0.0, 0
+    for source, target in loader:
+        source, target = source.to(device), target.to(device)
+        loss = loss_fn(model(source), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # DDP averages the gradients over all processes here
+        optimizer.step()
+        total += loss.item() * len(source)
+        count += len(source)
+    return total, count
+
+
+@torch.no_grad()
+def evaluate(model, loader, loss_fn, device):
+    """Validation loss on this process's share, as (sum of losses, number of samples)."""
+    model.eval()
+    total, count = 0.0, 0
+    for source, target in loader:
+        source, target = source.to(device), target.to(device)
+        total += loss_fn(model(source), target).item() * len(source)
+        count += len(source)
+    return total, count
+
+
+def global_mean(total, count, device):
+    """Mean over all processes: add up the sums and the counts, then divide. (A mean of per-process
+    means would be wrong whenever the processes hold different numbers of samples.)"""
+    both = torch.tensor([total, count], dtype=torch.float64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.SUM)
+    return (both[0] / both[1]).item()
+
+
+def save_snapshot(model, optimizer, epochs_run, path):
+    """Everything needed to continue exactly: weights, optimizer state (momentum), epochs done."""
+    snapshot = {
+        "model": model.module.state_dict(),  # .module: the model inside DDP
+        "optimizer": optimizer.state_dict(),
+        "epochs_run": epochs_run,
+    }
+    # Write a temp file, then rename it: a crash mid-write never leaves a half-written snapshot.
+    # The temp name names the machine, so two machines never write the same temp file.
+    tmp = f"{path}.tmp.{socket.gethostname()}"
+    torch.save(snapshot, tmp)
+    os.replace(tmp, path)
+
+
+def load_snapshot(path, model, optimizer, device):
+    """Restore model and optimizer from a snapshot; returns the number of epochs it had done."""
+    try:
+        # weights_only=True: only tensors and plain containers, never code, are unpickled.
+        snapshot = torch.load(path, map_location=device, weights_only=True)
+        model.load_state_dict(snapshot["model"])
+        optimizer.load_state_dict(snapshot["optimizer"])
+        return int(snapshot["epochs_run"])
+    except (RuntimeError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as e:
+        # A truncated file, another program's file, or a snapshot of a different model.
+        sys.exit(
+            f"{PROG}: error: {path} is not a readable snapshot of this model "
+            f"({type(e).__name__}); move it away or pass another --snapshot_path"
+        )
+
+
+def same_epoch_everywhere(epochs_run, device):
+    """Stop if the processes resumed from different epochs: they would train different numbers of
+    epochs and hang at the end. It happens when machines do not share --snapshot_path's disk."""
+    earliest = torch.tensor(epochs_run, device=device)
+    latest = earliest.clone()
+    dist.all_reduce(earliest, op=dist.ReduceOp.MIN)
+    dist.all_reduce(latest, op=dist.ReduceOp.MAX)
+    if earliest != latest:
+        sys.exit(
+            f"{PROG}: error: machines resumed from different epochs "
+            f"({earliest.item()} to {latest.item()}): is --snapshot_path on a disk they all "
+            "share? If each has its own, pass --snapshot_per_node"
+        )
+
+
+def main(args, data):
+    # torchrun starts this script once per process and tells each one two ranks: LOCAL_RANK
+    # among the processes of this machine (0..nproc_per_node-1), which picks this process's GPU,
+    # and RANK among all processes of all machines (0..WORLD_SIZE-1), which picks its data shard.
+    local_rank = int(os.environ["LOCAL_RANK"])
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else "cpu")
+    setup(device)
+    print(f"rank {rank} of {world_size} (local rank {local_rank}) on {socket.gethostname()}")
+    # Shared disk: one writer for the whole job. Own disks: one writer per machine.
+    is_writer = rank == 0 or (args.snapshot_per_node and local_rank == 0)
+    train_set, val_set = data
+    model, loss_fn = make_model(train_set, val_set, args.seed)
+    model = model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    epochs_run = 0
+    if os.path.exists(args.snapshot_path):  # a restart after a failure, or a resubmitted job
+        epochs_run = load_snapshot(args.snapshot_path, model, optimizer, device)
+        if local_rank == 0:  # one line per machine: each read its own file
+            print(f"Resuming training from snapshot {args.snapshot_path} at epoch {epochs_run}")
+    same_epoch_everywhere(epochs_run, device)
+    model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    train_loader, val_loader = make_loaders(
+        train_set, val_set, args.batch_size, rank, world_size, args.seed
+    )
+
+    for epoch in range(epochs_run, args.total_epochs):
+        train_loader.sampler.set_epoch(epoch)  # without this, every epoch has the same order
+        train_total, train_count = train_epoch(model, train_loader, loss_fn, optimizer, device)
+        val_total, val_count = evaluate(model, val_loader, loss_fn, device)
+        train_loss = global_mean(train_total, train_count, device)
+        val_loss = global_mean(val_total, val_count, device)  # every rank must take part
+        if rank == 0:
+            print(
+                f"[{device} x {world_size}] epoch {epoch} | {len(train_loader)} batches of "
+                f"{args.batch_size} | train loss {train_loss:.4f} | val loss {val_loss:.4f}"
+            )
+        if is_writer and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.total_epochs):
+            save_snapshot(model, optimizer, epoch + 1, args.snapshot_path)
+            print(f"epoch {epoch} | snapshot saved at {args.snapshot_path}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    try:  # load (and check) the data before joining the process group
+        data = load_datasets(args.data_dir, args.seed)
+    except DataError as e:
+        sys.exit(f"{PROG}: error: {e}")
+    main(args, data)

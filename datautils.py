@@ -1,0 +1,117 @@
+"""Datasets for steps 01-04. Not a lesson of its own: every step imports the same data.
+
+Two sources:
+- a synthetic regression task (default): y = X @ w + noise, so a linear model can learn it and
+  the loss visibly goes down;
+- your own arrays with --data_dir DIR holding X_train.npy, y_train.npy, X_val.npy, y_val.npy.
+  Integer labels mean classification (cross-entropy), float targets mean regression (MSE).
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+
+class DataError(Exception):
+    """A problem with the user's data files; the scripts print it as one line and exit."""
+
+
+def positive_int(text):
+    """argparse type for counts that must be at least 1 (epochs, batch size, ...)."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def synthetic_data(seed, n_train=2048, n_val=512, n_features=20):
+    """Features X ~ N(0, 1) and targets y = X @ w + small noise, the same on every process."""
+    g = torch.Generator().manual_seed(seed)
+    # Features on different scales (1 down to 0.1), each mattering equally to y: gradient descent
+    # learns the small-scale ones slowly, so the loss keeps falling for tens of epochs.
+    scale = torch.logspace(0, -1, n_features)
+    X = torch.randn(n_train + n_val, n_features, generator=g) * scale
+    w = torch.randn(n_features, 1, generator=g) / scale[:, None]
+    y = X @ w + 0.1 * torch.randn(n_train + n_val, 1, generator=g)
+    return X[:n_train], y[:n_train], X[n_train:], y[n_train:]
+
+
+def _load_array(path):
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        # allow_pickle=False: an .npy file with Python objects inside could run code when loaded.
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise DataError(f"{path}: not a plain numeric .npy array ({e})") from None
+
+
+def _check_split(X, y, name):
+    if X.ndim != 2:
+        raise DataError(f"X_{name}.npy must be 2-D (samples x features), got shape {X.shape}")
+    if y.ndim not in (1, 2) or len(y) != len(X):
+        raise DataError(
+            f"y_{name}.npy must have one row per sample of X_{name}.npy "
+            f"({len(X)}), got shape {y.shape}"
+        )
+    if len(X) == 0:
+        raise DataError(f"X_{name}.npy has no samples")
+    if not np.issubdtype(X.dtype, np.number) or not np.isfinite(X).all():
+        raise DataError(f"X_{name}.npy must hold finite numbers (found NaN, inf or non-numbers)")
+    if not np.issubdtype(y.dtype, np.number) or not np.isfinite(y).all():
+        raise DataError(f"y_{name}.npy must hold finite numbers (found NaN, inf or non-numbers)")
+
+
+def npy_data(data_dir):
+    """Load DIR/{X,y}_{train,val}.npy and check them; raise DataError with a clear message."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"--data_dir {data_dir}: no such directory")
+    arrays = {}
+    for name in ("X_train", "y_train", "X_val", "y_val"):
+        arrays[name] = _load_array(data_dir / f"{name}.npy")
+    _check_split(arrays["X_train"], arrays["y_train"], "train")
+    _check_split(arrays["X_val"], arrays["y_val"], "val")
+    if arrays["X_val"].shape[1] != arrays["X_train"].shape[1]:
+        raise DataError("X_val.npy and X_train.npy have different numbers of features")
+    classification = np.issubdtype(arrays["y_train"].dtype, np.integer)
+    if classification != np.issubdtype(arrays["y_val"].dtype, np.integer):
+        raise DataError("y_train.npy and y_val.npy must both be integer labels or both floats")
+    X_train, X_val = (torch.from_numpy(arrays[k]).float() for k in ("X_train", "X_val"))
+    if classification:
+        y_train, y_val = (
+            torch.from_numpy(arrays[k]).long().reshape(-1) for k in ("y_train", "y_val")
+        )
+        if min(y_train.min(), y_val.min()) < 0:
+            raise DataError("class labels in y_train.npy / y_val.npy must be >= 0")
+    else:
+        y_train, y_val = (torch.from_numpy(arrays[k]).float() for k in ("y_train", "y_val"))
+        y_train, y_val = y_train.reshape(len(X_train), -1), y_val.reshape(len(X_val), -1)
+    return X_train, y_train, X_val, y_val
+
+
+def load_datasets(data_dir, seed):
+    """Return (train_set, val_set): your .npy files if data_dir is given, else synthetic data."""
+    if data_dir is None:
+        X_train, y_train, X_val, y_val = synthetic_data(seed)
+    else:
+        X_train, y_train, X_val, y_val = npy_data(data_dir)
+    return TensorDataset(X_train, y_train), TensorDataset(X_val, y_val)
+
+
+def make_model(train_set, val_set, seed):
+    """A linear model and loss that match the data, with the same initial weights for a given seed.
+
+    Integer labels: classification, one output per class and cross-entropy.
+    Float targets: regression, one output per target column and mean squared error.
+    """
+    X_train, y_train = train_set.tensors
+    torch.manual_seed(seed)
+    if y_train.dtype == torch.long:
+        n_classes = int(max(y_train.max(), val_set.tensors[1].max())) + 1
+        return torch.nn.Linear(X_train.shape[1], n_classes), F.cross_entropy
+    return torch.nn.Linear(X_train.shape[1], y_train.shape[1]), F.mse_loss

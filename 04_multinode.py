@@ -220,6 +220,9 @@ def main(args, data):
         if is_writer and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.total_epochs):
             save_snapshot(model, optimizer, epoch + 1, args.snapshot_path)
             print(f"epoch {epoch} | snapshot saved at {args.snapshot_path}")
+    # Wait until rank 0 has written its last file: a rank that closes its connections while a
+    # peer is still busy can abort that peer (seen with gloo, about 1 run in 30 without this).
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -1,0 +1,73 @@
+"""Complete a prompt with a model trained by train.py.
+
+    python 05_gpt_ddp/generate.py --checkpoint 05_gpt_ddp/out/ckpt.pt --prompt "def main(" \
+        --max_new_tokens 200 --temperature 0.8 --top_k 50
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from model import CHECKPOINT_FORMAT, GPT, GPTConfig
+from prepare import load_tokenizer
+
+PROG = "generate.py"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, required=True, help="ckpt.pt written by train.py")
+    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: always the likeliest token")
+    p.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens")
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    args = p.parse_args(argv)
+    if args.max_new_tokens <= 0 or args.top_k <= 0 or args.num_samples <= 0:
+        p.error("--max_new_tokens, --top_k and --num_samples must be positive")
+    if args.temperature < 0:
+        p.error("--temperature must not be negative")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but PyTorch sees no CUDA GPU; use --device cpu")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    try:
+        ckpt = torch.load(args.checkpoint, map_location=device, weights_only=True)
+    except Exception as e:  # missing, truncated, or not a torch file
+        sys.exit(f"{PROG}: error: cannot read checkpoint {args.checkpoint} ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        sys.exit(f"{PROG}: error: {args.checkpoint} is not a checkpoint written by train.py")
+
+    model = GPT(GPTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])  # saved unwrapped, so no DDP/compile key prefixes
+    model.to(device).eval()
+
+    encode, _, separator, token_bytes = load_tokenizer(ckpt["tokenizer"], PROG)
+    prompt = encode(args.prompt)
+    if not prompt:
+        sys.exit(f"{PROG}: error: --prompt is empty")
+    idx = torch.tensor([prompt] * args.num_samples, device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator=gen)
+    for i, row in enumerate(out.tolist()):
+        # the document separator becomes a line break; ids past the real vocabulary (padding
+        # to a multiple of 64) have no text
+        text = b"".join(
+            b"\n" if t == separator else token_bytes[t] for t in row if t < len(token_bytes)
+        )
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(text.decode("utf-8", errors="replace"))
+
+
+if __name__ == "__main__":
+    main()

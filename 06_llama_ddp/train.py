@@ -1,0 +1,509 @@
+"""Pre-train a Llama with DistributedDataParallel over a sharded token stream, CPU or GPUs.
+
+    python 06_llama_ddp/make_toy_data.py                     # once: writes train.pkl, val.pkl
+    python 06_llama_ddp/train.py --train_file train.pkl --valid_file val.pkl     # one process
+    torchrun --standalone --nproc-per-node=4 06_llama_ddp/train.py \
+        --train_file train.pkl --valid_file val.pkl --resume
+
+No rank draws random windows: the DistributedDataLoader (data.py) gives rank r of W its own
+consecutive slice of the one token stream at every micro-step, and its position (batches taken) is
+saved in the checkpoint, so a resumed run sees exactly the batches the uninterrupted run would have
+seen. Rank 0 logs, plots and writes checkpoints; every rank evaluates.
+"""
+
+import argparse
+import contextlib
+import csv
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # write image files; never open a window
+import matplotlib.pyplot as plt
+import torch
+import torch.distributed as dist
+from data import DistributedDataLoader, TokenFileError, load_tokens
+from model import (
+    CHECKPOINT_FORMAT,
+    PRESETS,
+    Llama,
+    config_for,
+    flops_per_token,
+    memory_estimate,
+    num_params,
+)
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+HERE = Path(__file__).resolve().parent
+PROG = "train.py"
+# Dense bf16 tensor-core peak FLOP/s from the vendors' datasheets, matched against the CUDA
+# device name in this order (first match wins, so "H100 PCIe" before "H100", "L40S" before "L4").
+GPU_PEAK_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+]
+METRICS = [
+    "step",
+    "tokens",
+    "train_loss",
+    "val_loss",
+    "lr",
+    "grad_norm",
+    "step_ms",
+    "data_ms",
+    "tokens_per_s",
+    "mfu",
+    "peak_mem_gb",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="model size (model.py)")
+    p.add_argument("--train_file", type=Path, default=Path("train.pkl"), help=".pkl, .npy, .bin")
+    p.add_argument("--valid_file", type=Path, default=Path("val.pkl"), help=".pkl, .npy, .bin")
+    p.add_argument(
+        "--bin_dtype", choices=["uint16", "uint32"], help="for .bin without header; unset: uint16"
+    )
+    p.add_argument("--seq_len", type=int, help="unset: the preset's context")
+    p.add_argument("--out_dir", type=Path, default=HERE / "out", help="checkpoint, metrics, plots")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA only"
+    )
+    p.add_argument("--batch_size", type=int, default=16, help="sequences per micro-batch per rank")
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max_steps", type=int, default=1000, help="optimizer steps in total")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--scale_lr", action="store_true", help="multiply --lr by the world size")
+    p.add_argument("--warmup_steps", type=int, default=100, help="linear LR warm-up")
+    p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW, matrices only")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm")
+    p.add_argument("--eval_every", type=int, default=100, help="validate every N steps")
+    p.add_argument("--eval_batches", type=int, default=20, help="validation batches per rank")
+    p.add_argument("--sample_every", type=int, default=500, help="0: never print samples")
+    p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps")
+    p.add_argument("--log_every", type=int, default=10, help="print every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt if any")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--activation_checkpointing", action="store_true", help="less memory, +1/3 time")
+    p.add_argument(
+        "--peak_flops",
+        type=float,
+        help="FLOP/s of one device for MFU; unset: GPU table/CPU measured",
+    )
+    p.add_argument("--seed", type=int, default=1337, help="initial weights")
+    args = p.parse_args(argv)
+    positive = ["batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches"]
+    for name in positive + ["save_every", "log_every"]:
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive")
+    if args.lr <= 0 or args.warmup_steps < 0 or args.sample_every < 0 or args.seed < 0:
+        p.error("--lr must be positive; --warmup_steps, --sample_every and --seed not negative")
+    context = PRESETS[args.preset]["max_seq_len"]
+    if args.seq_len is None:
+        args.seq_len = context
+    if not 0 < args.seq_len <= context:
+        p.error(f"--seq_len must be between 1 and {context}, the {args.preset} preset's context")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but PyTorch sees no CUDA GPU; use --device cpu")
+    if args.dtype == "auto":
+        # fp32 on CPU: exact and alike on every CPU. bf16 matmuls are fast only on CPUs with
+        # bf16 instructions (AVX512-BF16, AMX); elsewhere autocast is many times slower.
+        args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    if args.dtype == "bf16" and args.device == "cuda" and not torch.cuda.is_bf16_supported():
+        p.error("this GPU has no bf16 support (pre-Ampere); use --dtype fp32")
+    return args
+
+
+def fail(message):
+    sys.exit(f"{PROG}: error: {message}")
+
+
+def load_split(path, args, vocab_size, rank, world_size):
+    """This rank's loader over a token file; any problem with the file ends the run in one line."""
+    try:
+        # .npy and .bin are memory-mapped: every rank maps the same file, the OS keeps one copy
+        tokens = load_tokens(path, vocab_size, args.bin_dtype)
+        return DistributedDataLoader(
+            tokens, args.batch_size, args.seq_len, rank, world_size, name=str(path)
+        )
+    except TokenFileError as e:
+        fail(str(e))
+
+
+def get_batch(loader, device):
+    """The loader's next (inputs, next-token targets), on the training device."""
+    x, y = loader.next_batch()
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        x, y = (t.pin_memory().to(device, non_blocking=True) for t in (x, y))
+    return x, y
+
+
+def lr_at(step, args, max_lr):
+    """Linear warm-up, then cosine decay to max_lr / 10 at max_steps."""
+    if step < args.warmup_steps:
+        return max_lr * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    return max_lr / 10 + (max_lr - max_lr / 10) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, lr, weight_decay, device):
+    # weight decay on matrices only: decaying biases and LayerNorm gains towards 0 only hurts
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # fused: one CUDA kernel updates all parameters instead of several per tensor
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def forward_backward(model, micro_batches, autocast):
+    """Sum the gradients of all micro-batches into .grad; return their mean loss.
+
+    DDP all-reduces gradients while backward runs. Inside no_sync() it only accumulates them
+    locally, so all micro-batches but the last skip communication: one all-reduce per optimizer
+    step, whatever --grad_accum is. Forward must be inside no_sync() too, because DDP decides at
+    forward time whether the coming backward will synchronise.
+    """
+    n = len(micro_batches)
+    total = 0.0
+    for i, (x, y) in enumerate(micro_batches):
+        skip_sync = isinstance(model, DDP) and i < n - 1
+        with model.no_sync() if skip_sync else contextlib.nullcontext():
+            with autocast:
+                _, loss = model(x, y)
+            # each loss is a mean over its micro-batch; dividing by n makes the summed gradient
+            # the gradient of the mean over all n micro-batches, as if they were one big batch
+            (loss / n).backward()
+        total += loss.detach()
+    return total / n
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, device, autocast):
+    """Mean validation loss over the first eval_batches batches of every rank's validation shard,
+    reduced across ranks. Every rank must run it: all_reduce waits for all of them."""
+    model.eval()
+    loader.batches_taken = 0  # the same validation batches at every evaluation
+    total = torch.zeros(2, device=device)  # sum of batch losses, number of batches
+    for _ in range(min(args.eval_batches, loader.steps_per_pass)):  # no window counted twice
+        x, y = get_batch(loader, device)
+        with autocast:
+            _, loss = model(x, y)
+        total += torch.stack([loss.float(), torch.ones((), device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def decode(ids, vocab_size):
+    """Text for the byte vocabulary of make_toy_data.py; the ids themselves for any other one
+    (token files carry no tokenizer: decode them with the one that made them)."""
+    if vocab_size != 256:
+        return " ".join(map(str, ids))
+    return bytes(ids).replace(b"\0", b"\n").decode("utf-8", errors="replace")
+
+
+def sample(model, device, autocast, seed, n_tokens=200):
+    model.eval()
+    start = torch.zeros((1, 1), dtype=torch.long, device=device)  # id 0: a document separator
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with autocast:
+        out = model.generate(start, n_tokens, temperature=0.8, top_k=50, generator=gen)
+    model.train()
+    return decode(out[0, 1:].tolist(), model.cfg.vocab_size)
+
+
+def measure_cpu_peak_flops(dtype="fp32", n=1024, repeats=10):
+    """FLOP/s of one matmul in the training dtype with this process's threads, best of several:
+    other busy processes slow some repeats down, so the fastest one is closest to the peak."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    if dtype == "bf16":
+        a, b = a.bfloat16(), b.bfloat16()
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def peak_flops_per_device(args, device):
+    if args.peak_flops:
+        return args.peak_flops, "--peak_flops"
+    if device.type == "cpu":
+        return measure_cpu_peak_flops(args.dtype), f"measured {args.dtype} matmul"
+    name = torch.cuda.get_device_name(device)
+    for key, flops in GPU_PEAK_FLOPS:
+        if key in name:
+            return flops, f"{name} bf16 datasheet"
+    return None, f"unknown GPU {name!r}: pass --peak_flops"
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    # largest resident set of this process: KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024) / 1e9
+
+
+def print_memory_estimate(cfg, n_params, args, device):
+    est = memory_estimate(
+        cfg, n_params, args.batch_size, args.seq_len, args.dtype, args.activation_checkpointing
+    )
+    total = sum(est.values())
+    lines = [f"  {k:32s} {v / 1e9:8.3f} GB" for k, v in est.items() if v]
+    lines.append(f"  {'total (estimate)':32s} {total / 1e9:8.3f} GB per rank")
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+        verdict = "fits" if total < 0.9 * have else "does NOT fit: try --activation_checkpointing"
+        lines.append(f"  this GPU has {have / 1e9:.1f} GB: {verdict}")
+    print("memory estimate:\n" + "\n".join(lines))
+
+
+def save_checkpoint(path, state):
+    # write to a temporary file and rename: a crash mid-save never leaves a half-written ckpt.pt
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device, cfg, preset):
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated file, not a zip archive, disallowed pickled objects...
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}); move it away to start fresh")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{path} is not a 06_llama_ddp checkpoint; use another --out_dir")
+    if ckpt["config"] != asdict(cfg):
+        fail(
+            f"{path} holds a '{ckpt['preset']}' model, not --preset {preset}; "
+            f"use --preset {ckpt['preset']}, or another --out_dir"
+        )
+    return ckpt
+
+
+def open_metrics(path, start_step):
+    """metrics.csv; a resumed run keeps the rows up to its checkpoint (later ones are redone)."""
+    rows = []
+    if start_step > 0 and path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+    f = open(path, "w", newline="")
+    writer = csv.DictWriter(f, METRICS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return f, writer
+
+
+def plot_losses(metrics_path, out_dir, title):
+    with open(metrics_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for column, style, label in [
+        ("train_loss", "-", "train (rank 0's batches)"),
+        ("val_loss", "o-", "validation (all ranks)"),
+    ]:
+        points = [(int(r["tokens"]), float(r[column])) for r in rows if r[column]]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label, alpha=0.8, markersize=3)
+    ax.set(xlabel="tokens seen", ylabel="cross-entropy loss (nats per token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    for suffix in ("png", "pdf"):
+        fig.savefig(out_dir / f"loss.{suffix}", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    distributed = "RANK" in os.environ  # started by torchrun
+    if args.device == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)  # before init_process_group, so NCCL uses this GPU
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
+    else:
+        device = torch.device("cpu")
+
+    # everything that can fail on bad input is checked before the process group exists
+    cfg = config_for(args.preset)
+    train_loader = load_split(args.train_file, args, cfg.vocab_size, rank, world_size)
+    val_loader = load_split(args.valid_file, args, cfg.vocab_size, rank, world_size)
+    ckpt_path = args.out_dir / "ckpt.pt"
+    ckpt = None
+    if ckpt_path.exists():
+        if not args.resume:
+            fail(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out_dir")
+        ckpt = load_checkpoint(ckpt_path, device, cfg, args.preset)
+
+    if distributed:
+        backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+        dist.init_process_group(backend)
+    master = rank == 0
+
+    torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    with torch.device(device):  # build on the GPU directly: no full fp32 copy in host RAM
+        raw_model = Llama(cfg)
+    raw_model.activation_checkpointing = args.activation_checkpointing
+    max_lr = args.lr * (world_size if args.scale_lr else 1)
+    optimizer = make_optimizer(raw_model, max_lr, args.weight_decay, device)
+    start_step = 0
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step = ckpt["step"]
+        train_loader.load_state_dict(ckpt["loader"])  # continue the stream where it stopped
+        if master:
+            print(f"resuming from {ckpt_path} at step {start_step}")
+            if ckpt["world_size"] != world_size:
+                print(
+                    f"note: saved with {ckpt['world_size']} ranks, now {world_size}: "
+                    "the batches differ from an uninterrupted run"
+                )
+        del ckpt  # free its copy of the weights
+    model = torch.compile(raw_model) if args.compile else raw_model
+    if distributed:
+        # gradient_as_bucket_view: .grad tensors are views into DDP's communication buckets
+        # instead of a second full copy of all gradients (4.4 GB at 1.1B parameters).
+        # DDP also broadcasts rank 0's buffers (here the RoPE tables) at every forward of `model`,
+        # a collective: so every rank runs every forward of `model`, and rank-0-only work
+        # (samples) and evaluation use raw_model, which DDP does not touch.
+        model = DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+        )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    n_params = num_params(raw_model)
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * world_size
+    flops_token = flops_per_token(cfg, args.seq_len)
+    peak, peak_source = peak_flops_per_device(args, device)
+    if master:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        print(
+            f"{args.preset}: {n_params / 1e6:.2f}M parameters, {flops_token / 1e6:.1f} MFLOP "
+            f"per token | {world_size} rank(s) on {device.type}, {args.dtype} | "
+            f"{tokens_per_step:,} tokens per step = {args.batch_size} batch x "
+            f"{args.seq_len} context x {args.grad_accum} accum x {world_size} ranks"
+        )
+        peak_text = f"{peak / 1e12:.3f} TFLOP/s" if peak else "unknown"
+        print(f"peak per device for MFU: {peak_text} ({peak_source})")
+        print_memory_estimate(cfg, n_params, args, device)
+        metrics_file, metrics = open_metrics(args.out_dir / "metrics.csv", start_step)
+
+    def checkpoint_state(step):
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": raw_model.state_dict(),  # the unwrapped model: no module./_orig_mod. keys
+            "optimizer": optimizer.state_dict(),
+            # with the args (schedule, seed), step fixes the LR
+            "step": step,
+            "loader": train_loader.state_dict(),  # the data position: batches taken so far
+            "world_size": world_size,
+            "preset": args.preset,
+            "config": asdict(cfg),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        }
+
+    plot_title = (
+        f"{args.preset}: {world_size} {device.type} rank(s), {tokens_per_step:,} tokens/step"
+    )
+    step = start_step
+    while True:
+        tokens_seen = step * tokens_per_step
+        last = step >= args.max_steps
+        # a resumed run evaluated, sampled and saved its starting step before it stopped
+        new_step = step == 0 or step > start_step
+        if new_step and (step % args.eval_every == 0 or last):
+            val_loss = evaluate(raw_model, val_loader, args, device, autocast)
+            if master:
+                print(f"step {step:5d} | val loss {val_loss:.4f}")
+                metrics.writerow({"step": step, "tokens": tokens_seen, "val_loss": val_loss})
+                metrics_file.flush()
+        if master and new_step and step > 0:
+            if args.sample_every and (step % args.sample_every == 0 or last):
+                text = sample(raw_model, device, autocast, seed=0)
+                print(f"--- sample at step {step} ---\n{text}\n---")
+            if step % args.save_every == 0 or last:
+                save_checkpoint(ckpt_path, checkpoint_state(step))
+                plot_losses(args.out_dir / "metrics.csv", args.out_dir, plot_title)
+        if last:
+            break
+
+        # one optimizer step
+        t0 = time.perf_counter()
+        lr = lr_at(step, args, max_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = [get_batch(train_loader, device) for _ in range(args.grad_accum)]
+        t_data = time.perf_counter() - t0
+        loss = forward_backward(model, micro_batches, autocast)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss.item()  # waits for the GPU, so the time below is real
+        dt = time.perf_counter() - t0
+        step += 1
+
+        if master:
+            tokens_per_s = tokens_per_step / dt
+            mfu = flops_token * tokens_per_s / (peak * world_size) if peak else float("nan")
+            row = {
+                "step": step,
+                "tokens": step * tokens_per_step,
+                "train_loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "step_ms": 1000 * dt,
+                "data_ms": 1000 * t_data,
+                "tokens_per_s": tokens_per_s,
+                "mfu": mfu,
+                "peak_mem_gb": peak_memory_gb(device),
+            }
+            metrics.writerow(row)
+            metrics_file.flush()
+            if step % args.log_every == 0 or step == args.max_steps:
+                print(
+                    f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {row['grad_norm']:.2f}"
+                    f" | {row['step_ms']:.0f} ms (data {100 * t_data / dt:.0f}%)"
+                    f" | {tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}%"
+                    f" | mem {row['peak_mem_gb']:.2f} GB"
+                )
+
+    if master:
+        metrics_file.close()
+        print(f"done: {ckpt_path}, {args.out_dir / 'metrics.csv'}, {args.out_dir / 'loss.png'}")
+    if distributed:
+        # wait for rank 0's final checkpoint and plot: a rank that tears down its gloo
+        # connections while a peer still uses them can abort the whole job
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Step 06 data: the DistributedDataLoader's sharding and resume, the token-file readers (.pkl
+through a restricted unpickler, .npy, .bin) and their errors, and make_toy_data.py."""
+
+import builtins
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from helpers import PYTHON, load_script, run, script
+
+D = load_script("06_llama_ddp/data.py", "llama_data")
+
+
+def take(loader, n):
+    return [loader.next_batch() for _ in range(n)]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_one_pass_over_all_ranks_is_disjoint_and_covers_the_stream(world_size):
+    B, T, N = 2, 5, 257  # token i has value i, so a batch shows which positions it read
+    tokens = np.arange(N)
+    loaders = [D.DistributedDataLoader(tokens, B, T, r, world_size) for r in range(world_size)]
+    steps = loaders[0].steps_per_pass
+    assert steps == (N - 1) // (world_size * B * T)
+    seen = []
+    for loader in loaders:
+        for x, y in take(loader, steps):
+            assert x.shape == y.shape == (B, T) and x.dtype == torch.int64
+            torch.testing.assert_close(y, x + 1)  # targets are the inputs shifted by one token
+            seen.extend(x.flatten().tolist())
+    # disjoint (no position twice) and covering everything but a remainder < one step's windows
+    assert sorted(seen) == list(range(steps * world_size * B * T))
+    assert N - len(seen) < world_size * B * T + 1
+    # the next pass starts again from the beginning, on every rank
+    for rank, loader in enumerate(loaders):
+        x, _ = loader.next_batch()
+        assert x[0, 0] == rank * B * T
+
+
+def test_resuming_from_a_saved_position_gives_the_batches_of_an_uninterrupted_run(tmp_path):
+    tokens = np.arange(1000)
+    uninterrupted = take(D.DistributedDataLoader(tokens, 4, 8, rank=1, world_size=2), 20)
+    first = D.DistributedDataLoader(tokens, 4, 8, rank=1, world_size=2)
+    take(first, 13)  # crosses the end of the stream (7 steps per pass) once
+    torch.save({"loader": first.state_dict()}, tmp_path / "ckpt.pt")
+    resumed = D.DistributedDataLoader(tokens, 4, 8, rank=1, world_size=2)
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["loader"])
+    for (x, y), (x_ref, y_ref) in zip(take(resumed, 7), uninterrupted[13:], strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+class RunsShellCommand:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+class RunsPython:
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return (builtins.exec, (self.code,))
+
+
+@pytest.mark.parametrize(
+    "make_payload, called",
+    [
+        (lambda marker: RunsShellCommand(f"touch {marker}"), "posix.system"),
+        (lambda marker: RunsPython(f"open({str(marker)!r}, 'w').close()"), "builtins.exec"),
+        # hidden inside an otherwise valid list of documents
+        (lambda marker: [np.arange(5), RunsShellCommand(f"touch {marker}")], "posix.system"),
+    ],
+)
+def test_a_malicious_pickle_is_refused_and_its_payload_never_runs(tmp_path, make_payload, called):
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps(make_payload(marker)))
+    with pytest.raises(D.TokenFileError) as error:
+        D.load_tokens(evil, vocab_size=256)
+    assert str(error.value) == (
+        f"{evil}: refusing to load this pickle: it wants to call {called}; "
+        "only lists, ints and numpy integer arrays are allowed"
+    )
+    assert not marker.exists()
+    # the payload is real: plain pickle.load would have run it
+    pickle.loads(evil.read_bytes())
+    assert marker.exists()
+
+
+def test_pickled_object_arrays_are_refused(tmp_path):
+    path = tmp_path / "objects.pkl"
+    path.write_bytes(pickle.dumps(np.array([1, 2, 3], dtype=object)))
+    with pytest.raises(
+        D.TokenFileError,
+        match="refusing to load this pickle: it holds an array of numpy type 'O8'; token ids must",
+    ):
+        D.load_tokens(path, vocab_size=256)
+
+
+class TamperedDType:
+    """Pickles as numpy.dtype("u2") with a forged state (a huge item size): numpy's own
+    dtype.__setstate__ accepts such states and can then crash the process."""
+
+    def __reduce__(self):
+        return (np.dtype, ("u2", False, True), (3, "<", None, None, None, 1313783567, -1, 0))
+
+
+def test_a_forged_dtype_state_is_refused(tmp_path):
+    path = tmp_path / "forged.pkl"
+    path.write_bytes(pickle.dumps([TamperedDType()]))
+    with pytest.raises(D.TokenFileError, match="it holds a dtype that is not a plain integer type"):
+        D.load_tokens(path, vocab_size=256)
+
+
+FUZZ = """
+import os, pickle, random, resource, sys
+import numpy as np
+sys.path.insert(0, "06_llama_ddp")
+import data as D
+# a damaged length field can make pickle allocate gigabytes: allow 256 MiB more than now
+in_use = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+resource.setrlimit(resource.RLIMIT_AS, (in_use + (1 << 28), in_use + (1 << 28)))
+rng = random.Random(1)
+valid = [pickle.dumps(np.arange(50, dtype=np.uint16), protocol=p) for p in (2, 4, 5)]
+valid += [pickle.dumps(list(range(300))), pickle.dumps([[1, 2], np.arange(3)])]
+path = sys.argv[1]
+outcomes = {"loaded": 0, "refused": 0}
+for _ in range(2000):
+    data = bytearray(rng.choice(valid))
+    for _ in range(rng.randint(1, 4)):
+        data[rng.randrange(len(data))] = rng.randrange(256)
+    if rng.random() < 0.3:
+        data = data[: rng.randrange(len(data))]
+    with open(path, "wb") as f:
+        f.write(data)
+    try:
+        D.load_tokens(path, vocab_size=1 << 20)
+        outcomes["loaded"] += 1
+    except D.TokenFileError as e:
+        assert "\\n" not in str(e)
+        outcomes["refused"] += 1
+print(outcomes)
+"""
+
+
+def test_damaged_pickles_are_refused_without_crashing(tmp_path):
+    """2,000 randomly damaged pickles of token ids, in a child process so that a crash (numpy's
+    own rebuild functions segfaulted on some of these) fails the test instead of pytest."""
+    result = run([PYTHON, "-c", FUZZ, tmp_path / "damaged.pkl"], timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    outcomes = eval(result.stdout)  # the dict printed by FUZZ
+    assert outcomes["refused"] > 1000 and sum(outcomes.values()) == 2000
+
+
+def write_every_format(tokens, folder):
+    """The same ids in every accepted layout; returns {name: (path, bin_dtype)}."""
+    files = {}
+    for protocol in (2, 4, 5):
+        files[f"array-p{protocol}.pkl"] = pickle.dumps(tokens.astype(np.uint16), protocol=protocol)
+    # numpy 1.x wrote numpy.core where numpy 2.x writes numpy._core (protocol 2: plain-text names)
+    numpy1 = pickle.dumps(tokens.astype(np.uint16), protocol=2)
+    files["numpy1-p2.pkl"] = numpy1.replace(b"numpy._core.", b"numpy.core.")
+    assert b"numpy.core.multiarray" in files["numpy1-p2.pkl"]
+    files["list.pkl"] = pickle.dumps(tokens.tolist())
+    files["documents.pkl"] = pickle.dumps([tokens[:100].tolist(), tokens[100:].astype(np.int32)])
+    files["int-scalars.pkl"] = pickle.dumps([np.int64(t) for t in tokens])
+    files["raw16.bin"] = tokens.astype(np.uint16).tobytes()
+    files["raw32.bin"] = tokens.astype(np.uint32).tobytes()
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = [20240520, 2, len(tokens)]  # llm.c header, version 2 = uint32
+    files["llmc.bin"] = header.tobytes() + tokens.astype(np.uint32).tobytes()
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    np.save(folder / "array.npy", tokens.astype(np.int64))
+    paths = {name: (folder / name, None) for name in [*files, "array.npy"]}
+    paths["raw32.bin"] = (folder / "raw32.bin", "uint32")
+    return paths
+
+
+def test_every_file_format_gives_identical_batches(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 1000, size=700)
+    expected = take(D.DistributedDataLoader(tokens, 3, 7, rank=1, world_size=2), 20)
+    paths = write_every_format(tokens, tmp_path)
+    assert len(paths) == 11
+    for name, (path, bin_dtype) in paths.items():
+        ids = D.load_tokens(path, vocab_size=1000, bin_dtype=bin_dtype)
+        batches = take(D.DistributedDataLoader(ids, 3, 7, rank=1, world_size=2), 20)
+        for (x, y), (x_ref, y_ref) in zip(batches, expected, strict=True):
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref), name
+
+
+def bad_file(tmp_path, name, content):
+    path = tmp_path / name
+    if isinstance(content, np.ndarray):
+        np.save(path, content)
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else pickle.dumps(content))
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, content, bin_dtype, message",
+    [
+        ("empty.pkl", [], None, "holds no tokens"),
+        ("empty.bin", b"", None, "holds no tokens"),
+        ("empty.npy", np.zeros(0, dtype=np.int64), None, "holds no tokens"),
+        ("floats.npy", np.ones(10, dtype=np.float32), None, "holds a 1-D array of float32; token"),
+        ("matrix.npy", np.ones((2, 5), dtype=np.int64), None, "holds a 2-D array of int64; token"),
+        ("floats.pkl", [1.0, 2.0], None, "expected a list or 1-D array of integer token ids"),
+        ("text.pkl", "hello", None, "expected a list or 1-D array of integer token ids"),
+        ("odd.bin", b"\1\0\2", None, "3 bytes is not a whole number of uint16 tokens; wrong"),
+        ("six.bin", bytes(6), "uint32", "6 bytes is not a whole number of uint32 tokens; wrong"),
+        ("big.pkl", [1, 2, 256], None, "token id 256 is outside the model's vocabulary of 256 "),
+        ("negative.pkl", [1, -3, 2], None, "token id -3 is outside the model's vocabulary of 256"),
+        ("truncated.pkl", pickle.dumps(list(range(50)))[:-9], None, "not a readable pickle"),
+        ("tokens.txt", b"1 2 3", None, "unknown file type; use .pkl, .npy or .bin"),
+    ],
+)
+def test_bad_token_files_give_one_clear_line(tmp_path, name, content, bin_dtype, message):
+    path = bad_file(tmp_path, name, content)
+    with pytest.raises(D.TokenFileError) as error:
+        D.load_tokens(path, vocab_size=256, bin_dtype=bin_dtype)
+    text = str(error.value)
+    assert text.startswith(f"{path}: ") and message in text and "\n" not in text
+
+
+def test_llmc_header_errors(tmp_path):
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = [20240520, 1, 10]  # promises 10 uint16 tokens
+    short = bad_file(tmp_path, "short.bin", header.tobytes() + bytes(8))
+    with pytest.raises(D.TokenFileError, match="header promises 10 tokens, file size disagrees"):
+        D.load_tokens(short, vocab_size=256)
+    ok = bad_file(tmp_path, "ok.bin", header.tobytes() + bytes(20))
+    with pytest.raises(D.TokenFileError, match="its header says uint16, but --bin_dtype is uint32"):
+        D.load_tokens(ok, vocab_size=256, bin_dtype="uint32")
+    assert len(D.load_tokens(ok, vocab_size=256)) == 10
+
+
+def test_missing_file_and_a_stream_shorter_than_one_window_per_rank(tmp_path):
+    with pytest.raises(D.TokenFileError, match="no such file"):
+        D.load_tokens(tmp_path / "nope.pkl", vocab_size=256)
+    with pytest.raises(D.TokenFileError) as error:
+        D.DistributedDataLoader(np.arange(64), 4, 8, rank=0, world_size=2, name="val.pkl")
+    assert str(error.value) == (
+        "val.pkl: 64 tokens are fewer than one window per rank (world_size 2 x batch_size 4 x "
+        "seq_len 8 + 1 = 65); use more data or a smaller batch_size or seq_len"
+    )
+    assert D.DistributedDataLoader(np.arange(65), 4, 8, rank=1, world_size=2).steps_per_pass == 1
+
+
+def test_make_toy_data_writes_the_same_stream_in_every_format(tmp_path):
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time, a rank read its shard. " * 50)
+    result = run(
+        [PYTHON, script("06_llama_ddp/make_toy_data.py"), "--input", text, "--out_dir", tmp_path,
+         "--formats", "pkl", "npy", "bin"],
+        timeout=60,
+        check=True,
+    )  # fmt: skip
+    assert "wrote" in result.stdout
+    for split in ("train", "val"):
+        streams = [D.load_tokens(tmp_path / f"{split}.{f}", 256) for f in ("pkl", "npy", "bin")]
+        assert all(np.array_equal(streams[0], s) for s in streams)
+    train = D.load_tokens(tmp_path / "train.pkl", 256)
+    val = D.load_tokens(tmp_path / "val.pkl", 256)
+    assert bytes(np.concatenate([train, val]).astype(np.uint8)) == text.read_bytes()
+    assert len(val) == int(len(text.read_bytes()) * 0.1)
+
+    missing = run([PYTHON, script("06_llama_ddp/make_toy_data.py"), "--input", tmp_path / "no"])
+    assert missing.returncode != 0
+    assert missing.stderr == (
+        f"make_toy_data.py: error: {tmp_path / 'no'} is not a file; give a UTF-8 text file\n"
+    )

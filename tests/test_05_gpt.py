@@ -147,6 +147,14 @@ def test_memory_estimate_for_the_big_preset():
     assert ckpt["activations"] < full["activations"] / 5
 
 
+def test_cpu_peak_for_bf16_is_never_below_the_fp32_peak():
+    """MFU divides by this peak. On a CPU without bf16 instructions a bf16 matmul is ~100x slower
+    than fp32 (measured here), and a bf16-only peak made MFU read 300-500 %."""
+    fp32 = TRAIN_MOD.measure_cpu_peak_flops("fp32", n=256)
+    bf16 = TRAIN_MOD.measure_cpu_peak_flops("bf16", n=256)
+    assert bf16 >= 0.5 * fp32  # bf16 training is measured against the faster of the two paths
+
+
 # 4 -------------------------------------------------------------------------------------------
 
 ALLREDUCE_WORKER = textwrap.dedent(

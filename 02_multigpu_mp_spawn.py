@@ -152,8 +152,8 @@ def main(rank, world_size, args, data):
         if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.total_epochs):
             save_checkpoint(model.module, "checkpoint.pt")  # .module: the model inside DDP
             print(f"epoch {epoch} | checkpoint saved at checkpoint.pt")
-    # Wait until rank 0 has written its last file: a rank that closes its connections while a
-    # peer is still busy can abort that peer (seen with gloo, about 1 run in 30 without this).
+    # Wait until rank 0 has written its last file before anyone tears down (with gloo this also
+    # makes a rare abort at exit rarer: see the README, step 02, point 8).
     dist.barrier()
     dist.destroy_process_group()
 

@@ -503,8 +503,8 @@ def main(argv=None):
         metrics_file.close()
         print(f"done: {ckpt_path}, {args.out_dir / 'metrics.csv'}, {args.out_dir / 'loss.png'}")
     if distributed:
-        # wait for rank 0's final checkpoint and plot: a rank that tears down its gloo
-        # connections while a peer still uses them can abort the whole job
+        # wait for rank 0's final checkpoint and plot before anyone tears down (with gloo this
+        # also makes a rare abort at exit rarer: see the README, step 02, point 8)
         dist.barrier()
         dist.destroy_process_group()
 

@@ -198,7 +198,7 @@ ALLREDUCE_WORKER = textwrap.dedent(
     result["calls_without_no_sync"] = len(calls) - before
     with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
         json.dump(result, f)
-    dist.barrier()  # as train.py does: tearing down while the peer still works can abort it
+    dist.barrier()  # as train.py does before tearing down (README, step 02, point 8)
     dist.destroy_process_group()
     """
 )

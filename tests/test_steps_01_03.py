@@ -107,6 +107,42 @@ def test_torchrun_step_matches_mp_spawn_step(tmp_path):
     assert_same_params(spawned, launched, exact=True)
 
 
+def listening_ports():
+    """TCP ports some process on this machine listens on, read from /proc (IPv4 and IPv6)."""
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # state LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_spawn_runs_at_once_pick_their_own_ports_or_use_master_port(tmp_path):
+    """Two 02 runs started together on one machine must not collide on rank 0's port, and a
+    MASTER_PORT set by the user is the port rank 0 listens on."""
+    port = free_port()
+    runs = []
+    for name, env in (
+        ("a", worker_env()),
+        ("b", worker_env()),
+        ("c", worker_env(MASTER_PORT=port)),
+    ):
+        (tmp_path / name).mkdir()
+        epochs = 20 if name == "c" else 4  # c runs long enough to be seen listening
+        runs.append(start([PY, script(STEP2), epochs, epochs], cwd=tmp_path / name, env=env))
+    try:
+        wait_for(lambda: port in listening_ports(), 60, f"a listener on MASTER_PORT={port}")
+        for proc in runs:
+            out, _ = proc.communicate(timeout=180)
+            assert proc.returncode == 0, out
+            assert "epoch 3 |" in out, out
+    finally:
+        for proc in runs:
+            stop(proc)
+
+
 # --- 3. sharding -----------------------------------------------------------------------------
 
 

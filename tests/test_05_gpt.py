@@ -123,6 +123,26 @@ def test_gradient_accumulation_equals_one_big_batch():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_bf16_autocast_runs_matmuls_in_bf16_but_keeps_fp32_weights_and_gradients():
+    x = torch.randint(0, 256, (4, 32))
+    y = torch.randint(0, 256, (4, 32))
+    reference = tiny_model()
+    ref_loss = TRAIN_MOD.forward_backward(reference, [(x, y)], torch.autocast("cpu", enabled=False))
+    model = tiny_model()
+    outputs = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda mod, inp, out: outputs.append(out.dtype))
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    loss = TRAIN_MOD.forward_backward(model, [(x, y)], bf16)
+    assert outputs and set(outputs) == {torch.bfloat16}  # the matmuls ran in bf16
+    for p, ref in zip(model.parameters(), reference.parameters(), strict=True):
+        assert p.dtype == p.grad.dtype == torch.float32  # fp32 master weights and gradients
+        cosine = torch.nn.functional.cosine_similarity(p.grad.flatten(), ref.grad.flatten(), dim=0)
+        assert cosine > 0.98  # the same gradient up to bf16 rounding
+    assert abs(loss.item() - ref_loss.item()) < 0.02 * ref_loss.item()
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     x, y = torch.randint(0, 256, (4, 32)), torch.randint(0, 256, (4, 32))
     grads = []
@@ -257,6 +277,25 @@ def test_two_rank_training_learns_and_writes_outputs(tmp_path, data_dir):
     )  # fmt: skip
     text = gen.stdout.rstrip("\n")
     assert text.startswith("def ") and len(text.encode()) >= 40
+
+
+@pytest.mark.slow
+def test_compiled_model_saves_plain_keys_that_generate_loads(tmp_path, data_dir):
+    out = tmp_path / "out"
+    cmd = [
+        PYTHON, TRAIN, "--preset", "tiny", "--compile", "--data_dir", data_dir, "--out_dir", out,
+        "--max_steps", 4, "--eval_every", 4, "--eval_batches", 1, "--save_every", 4,
+        "--sample_every", 0,
+    ]  # fmt: skip
+    run(cmd, timeout=300, check=True)
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["model"].keys() == tiny_model().state_dict().keys()  # no "_orig_mod." prefix
+    gen = run(
+        [PYTHON, GENERATE, "--checkpoint", out / "ckpt.pt", "--prompt", "def ",
+         "--max_new_tokens", 10, "--device", "cpu"],
+        timeout=120, check=True,
+    )  # fmt: skip
+    assert gen.stdout.startswith("def ")
 
 
 # 6 -------------------------------------------------------------------------------------------

@@ -238,7 +238,7 @@ def measure_cpu_peak_flops(dtype="fp32", n=1024, repeats=10):
     processes slow some repeats down). For bf16 training both fp32 and bf16 are timed and the
     faster counts: the peak is what the CPU can do, so a slow bf16 path shows up as a low MFU."""
     best = 0.0
-    for name in dict.fromkeys(["fp32", dtype]):
+    for name in ["fp32", "bf16"] if dtype == "bf16" else ["fp32"]:
         a = torch.randn(n, n, dtype=torch.bfloat16 if name == "bf16" else torch.float32)
         b = torch.randn_like(a)
         a @ b  # warm-up

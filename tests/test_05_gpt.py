@@ -242,6 +242,13 @@ def test_one_gradient_allreduce_per_optimizer_step(tmp_path):
 # 5 -------------------------------------------------------------------------------------------
 
 
+def complete_def(checkpoint, max_new_tokens):
+    """generate.py's completion of the prompt "def " from `checkpoint`, on the CPU."""
+    cmd = [PYTHON, GENERATE, "--checkpoint", checkpoint, "--prompt", "def "]
+    cmd += ["--max_new_tokens", max_new_tokens, "--device", "cpu"]
+    return run(cmd, timeout=120, check=True).stdout
+
+
 @pytest.mark.slow
 def test_two_rank_training_learns_and_writes_outputs(tmp_path, data_dir):
     out = tmp_path / "out"
@@ -270,12 +277,7 @@ def test_two_rank_training_learns_and_writes_outputs(tmp_path, data_dir):
     assert ckpt["step"] == steps and ckpt["world_size"] == 2
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
 
-    gen = run(
-        [PYTHON, GENERATE, "--checkpoint", out / "ckpt.pt", "--prompt", "def ",
-         "--max_new_tokens", 60, "--device", "cpu"],
-        timeout=120, check=True,
-    )  # fmt: skip
-    text = gen.stdout.rstrip("\n")
+    text = complete_def(out / "ckpt.pt", 60).rstrip("\n")
     assert text.startswith("def ") and len(text.encode()) >= 40
 
 
@@ -290,12 +292,7 @@ def test_compiled_model_saves_plain_keys_that_generate_loads(tmp_path, data_dir)
     run(cmd, timeout=300, check=True)
     ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["model"].keys() == tiny_model().state_dict().keys()  # no "_orig_mod." prefix
-    gen = run(
-        [PYTHON, GENERATE, "--checkpoint", out / "ckpt.pt", "--prompt", "def ",
-         "--max_new_tokens", 10, "--device", "cpu"],
-        timeout=120, check=True,
-    )  # fmt: skip
-    assert gen.stdout.startswith("def ")
+    assert complete_def(out / "ckpt.pt", 10).startswith("def ")
 
 
 # 6 -------------------------------------------------------------------------------------------

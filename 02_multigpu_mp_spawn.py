@@ -10,6 +10,7 @@ import argparse
 import os
 import socket
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -156,6 +157,9 @@ def main(rank, world_size, args, data):
     # makes a rare abort at exit rarer: see the README, step 02, point 8).
     dist.barrier()
     dist.destroy_process_group()
+    # Workaround (PyTorch 2.13, gloo): give gloo's threads a moment to let go of their last
+    # tensors before Python shuts down, or the process can abort after its work is done.
+    time.sleep(0.1)
 
 
 def pick_port():

@@ -518,6 +518,9 @@ def main(argv=None):
         # also makes a rare abort at exit rarer: see the README, step 02, point 8)
         dist.barrier()
         dist.destroy_process_group()
+        # workaround (PyTorch 2.13, gloo): give gloo's threads a moment to let go of their last
+        # tensors before Python shuts down, or the process can abort after its work is done
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":

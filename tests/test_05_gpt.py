@@ -179,7 +179,7 @@ def test_cpu_peak_for_bf16_is_never_below_the_fp32_peak():
 
 ALLREDUCE_WORKER = textwrap.dedent(
     """
-    import json, os, sys
+    import json, os, sys, time
     import torch, torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -220,6 +220,7 @@ ALLREDUCE_WORKER = textwrap.dedent(
         json.dump(result, f)
     dist.barrier()  # as train.py does before tearing down (README, step 02, point 8)
     dist.destroy_process_group()
+    time.sleep(0.1)  # train.py's workaround for gloo's exit abort (README, step 02, point 8)
     """
 )
 

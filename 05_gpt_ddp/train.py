@@ -11,21 +11,16 @@ would have seen. Rank 0 logs, plots and writes checkpoints; every rank evaluates
 
 import argparse
 import contextlib
-import csv
 import json
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # write image files; never open a window
-import matplotlib.pyplot as plt
 import numpy as np
+import report
 import torch
 import torch.distributed as dist
 from model import (
@@ -34,37 +29,13 @@ from model import (
     PRESETS,
     config_for,
     flops_per_token,
-    memory_estimate,
     num_params,
 )
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 HERE = Path(__file__).resolve().parent
 PROG = "train.py"
-# Dense bf16 tensor-core peak FLOP/s from the vendors' datasheets, matched against the CUDA
-# device name in this order (first match wins, so "H100 PCIe" before "H100", "L40S" before "L4").
-GPU_PEAK_FLOPS = [
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-]
-METRICS = [
-    "step",
-    "tokens",
-    "train_loss",
-    "val_loss",
-    "lr",
-    "grad_norm",
-    "step_ms",
-    "data_ms",
-    "tokens_per_s",
-    "mfu",
-    "peak_mem_gb",
-]
+
 # independent random streams, so that e.g. evaluating more often never changes the training batches
 TRAIN_STREAM, VAL_STREAM, DROPOUT_STREAM = 0, 1, 2
 
@@ -239,59 +210,6 @@ def sample(model, meta, device, autocast, seed, n_tokens=200):
     return decode(out[0, 1:].tolist(), meta)
 
 
-def measure_cpu_peak_flops(dtype="fp32", n=1024, repeats=10):
-    """FLOP/s of an n x n matmul with this process's threads, best of several (other busy
-    processes slow some repeats down). For bf16 training both fp32 and bf16 are timed and the
-    faster counts: the peak is what the CPU can do, so a slow bf16 path shows up as a low MFU."""
-    best = 0.0
-    for name in ["fp32", "bf16"] if dtype == "bf16" else ["fp32"]:
-        a = torch.randn(n, n, dtype=torch.bfloat16 if name == "bf16" else torch.float32)
-        b = torch.randn_like(a)
-        a @ b  # warm-up
-        start = time.perf_counter()
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n**3 / (time.perf_counter() - t))
-            if time.perf_counter() - start > 1:  # enough on a CPU where this path is slow
-                break
-    return best
-
-
-def peak_flops_per_device(args, device):
-    if args.peak_flops:
-        return args.peak_flops, "--peak_flops"
-    if device.type == "cpu":
-        return measure_cpu_peak_flops(args.dtype), "measured matmul"
-    name = torch.cuda.get_device_name(device)
-    for key, flops in GPU_PEAK_FLOPS:
-        if key in name:
-            return flops, f"{name} bf16 datasheet"
-    return None, f"unknown GPU {name!r}: pass --peak_flops"
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    # largest resident set of this process: KiB on Linux, bytes on macOS
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss * (1 if sys.platform == "darwin" else 1024) / 1e9
-
-
-def print_memory_estimate(cfg, n_params, args, device):
-    est = memory_estimate(
-        cfg, n_params, args.batch_size, cfg.block_size, args.dtype, args.activation_checkpointing
-    )
-    total = sum(est.values())
-    lines = [f"  {k:32s} {v / 1e9:8.3f} GB" for k, v in est.items() if v]
-    lines.append(f"  {'total (estimate)':32s} {total / 1e9:8.3f} GB per rank")
-    if device.type == "cuda":
-        have = torch.cuda.get_device_properties(device).total_memory
-        verdict = "fits" if total < 0.9 * have else "does NOT fit: try --activation_checkpointing"
-        lines.append(f"  this GPU has {have / 1e9:.1f} GB: {verdict}")
-    print("memory estimate:\n" + "\n".join(lines))
-
-
 def save_checkpoint(path, state):
     # write to a temporary file and rename: a crash mid-save never leaves a half-written ckpt.pt
     tmp = path.with_name(path.name + ".tmp")
@@ -313,39 +231,6 @@ def load_checkpoint(path, device, cfg, preset):
             f"use --preset {ckpt['preset']} and the same data, or another --out_dir"
         )
     return ckpt
-
-
-def open_metrics(path, start_step):
-    """metrics.csv; a resumed run keeps the rows up to its checkpoint (later ones are redone)."""
-    rows = []
-    if start_step > 0 and path.exists():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
-    f = open(path, "w", newline="")
-    writer = csv.DictWriter(f, METRICS)
-    writer.writeheader()
-    writer.writerows(rows)
-    return f, writer
-
-
-def plot_losses(metrics_path, out_dir, title):
-    with open(metrics_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for column, style, label in [
-        ("train_loss", "-", "train (rank 0's batches)"),
-        ("val_loss", "o-", "validation (all ranks)"),
-    ]:
-        points = [(int(r["tokens"]), float(r[column])) for r in rows if r[column]]
-        if points:
-            ax.plot(*zip(*points, strict=True), style, label=label, alpha=0.8, markersize=3)
-    ax.set(xlabel="tokens seen", ylabel="cross-entropy loss (nats per token)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    for suffix in ("png", "pdf"):
-        fig.savefig(out_dir / f"loss.{suffix}", dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -411,7 +296,6 @@ def main(argv=None):
     n_params = num_params(raw_model)
     tokens_per_step = args.batch_size * cfg.block_size * args.grad_accum * world_size
     flops_token = flops_per_token(cfg, cfg.block_size)
-    peak, peak_source = peak_flops_per_device(args, device)
     if master:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         print(
@@ -420,10 +304,8 @@ def main(argv=None):
             f"{tokens_per_step:,} tokens per step = {args.batch_size} batch x "
             f"{cfg.block_size} context x {args.grad_accum} accum x {world_size} ranks"
         )
-        peak_text = f"{peak / 1e12:.3f} TFLOP/s" if peak else "unknown"
-        print(f"peak per device for MFU: {peak_text} ({peak_source})")
-        print_memory_estimate(cfg, n_params, args, device)
-        metrics_file, metrics = open_metrics(args.out_dir / "metrics.csv", start_step)
+        report.print_memory_estimate(cfg, n_params, args, cfg.block_size, device)
+        log = report.TrainingLog(args, start_step, tokens_per_step, flops_token, world_size, device)
 
     def checkpoint_state(step):
         return {
@@ -439,28 +321,22 @@ def main(argv=None):
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         }
 
-    plot_title = (
-        f"{args.preset}: {world_size} {device.type} rank(s), {tokens_per_step:,} tokens/step"
-    )
     step = start_step
     while True:
-        tokens_seen = step * tokens_per_step
         last = step >= args.max_steps
         # a resumed run evaluated, sampled and saved its starting step before it stopped
         new_step = step == 0 or step > start_step
         if new_step and (step % args.eval_every == 0 or last):
             val_loss = evaluate(raw_model, val_tokens, args, cfg.block_size, device, autocast, rank)
             if master:
-                print(f"step {step:5d} | val loss {val_loss:.4f}")
-                metrics.writerow({"step": step, "tokens": tokens_seen, "val_loss": val_loss})
-                metrics_file.flush()
+                log.validation(step, val_loss)
         if master and new_step and step > 0:
             if args.sample_every and (step % args.sample_every == 0 or last):
                 text = sample(raw_model, meta, device, autocast, seed=0)
                 print(f"--- sample at step {step} ---\n{text}\n---")
             if step % args.save_every == 0 or last:
                 save_checkpoint(ckpt_path, checkpoint_state(step))
-                plot_losses(args.out_dir / "metrics.csv", args.out_dir, plot_title)
+                log.plot()
         if last:
             break
 
@@ -486,32 +362,10 @@ def main(argv=None):
         step += 1
 
         if master:
-            tokens_per_s = tokens_per_step / dt
-            mfu = flops_token * tokens_per_s / (peak * world_size) if peak else float("nan")
-            row = {
-                "step": step,
-                "tokens": step * tokens_per_step,
-                "train_loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm.item(),
-                "step_ms": 1000 * dt,
-                "data_ms": 1000 * t_data,
-                "tokens_per_s": tokens_per_s,
-                "mfu": mfu,
-                "peak_mem_gb": peak_memory_gb(device),
-            }
-            metrics.writerow(row)
-            metrics_file.flush()
-            if step % args.log_every == 0 or step == args.max_steps:
-                print(
-                    f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {row['grad_norm']:.2f}"
-                    f" | {row['step_ms']:.0f} ms (data {100 * t_data / dt:.0f}%)"
-                    f" | {tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}%"
-                    f" | mem {row['peak_mem_gb']:.2f} GB"
-                )
+            log.train_step(step, loss, lr, grad_norm.item(), dt, t_data)
 
     if master:
-        metrics_file.close()
+        log.close()
         print(f"done: {ckpt_path}, {args.out_dir / 'metrics.csv'}, {args.out_dir / 'loss.png'}")
     if distributed:
         # wait for rank 0's final checkpoint and plot before anyone tears down (with gloo this

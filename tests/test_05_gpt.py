@@ -28,24 +28,25 @@ PREPARE, TRAIN, GENERATE = (script(f"05_gpt_ddp/{f}.py") for f in ("prepare", "t
 
 
 def import_step05():
-    """model.py and train.py imported by path. train.py does `from model import ...`; another
-    step's model.py may already sit in sys.modules under that name, so ours is put there while
-    train.py loads, and the previous entry is restored afterwards."""
-    model = load_script("05_gpt_ddp/model.py", "gpt05_model")
+    """model.py, report.py and train.py imported by path. train.py does `import report` and
+    `from model import ...`; another step's files may already sit in sys.modules under those
+    names, so ours are put there while train.py loads, and the previous entries are restored."""
     prepare = load_script("05_gpt_ddp/prepare.py", "gpt05_prepare")
-    saved = sys.modules.get("model")
-    sys.modules["model"] = model
+    saved = {name: sys.modules.get(name) for name in ("model", "report")}
     try:
+        sys.modules["model"] = model = load_script("05_gpt_ddp/model.py", "gpt05_model")
+        sys.modules["report"] = report = load_script("05_gpt_ddp/report.py", "gpt05_report")
         train = load_script("05_gpt_ddp/train.py", "gpt05_train")
     finally:
-        if saved is None:
-            del sys.modules["model"]
-        else:
-            sys.modules["model"] = saved
-    return model, prepare, train
+        for name, module in saved.items():
+            if module is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = module
+    return model, prepare, report, train
 
 
-M, PREP, TRAIN_MOD = import_step05()
+M, PREP, REPORT, TRAIN_MOD = import_step05()
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +171,8 @@ def test_memory_estimate_for_the_big_preset():
 def test_cpu_peak_for_bf16_is_never_below_the_fp32_peak():
     """MFU divides by this peak. On a CPU without bf16 instructions a bf16 matmul is ~100x slower
     than fp32 (measured here), and a bf16-only peak made MFU read 300-500 %."""
-    fp32 = TRAIN_MOD.measure_cpu_peak_flops("fp32", n=256)
-    bf16 = TRAIN_MOD.measure_cpu_peak_flops("bf16", n=256)
+    fp32 = REPORT.measure_cpu_peak_flops("fp32", n=256)
+    bf16 = REPORT.measure_cpu_peak_flops("bf16", n=256)
     assert bf16 >= 0.5 * fp32  # bf16 training is measured against the faster of the two paths
 
 

@@ -35,12 +35,13 @@ INTEGER_CODES = {"i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8"}
 class _DType:
     """Stands in for numpy.dtype while a pickle is loaded: integers only, checked state."""
 
-    def __init__(self, code, align=False, copy=True):
+    def __init__(self, code):
         if code not in INTEGER_CODES:
             raise RefusedPickle(
                 f"it holds an array of numpy type {code!r}; token ids must be integers"
             )
         self.code = code
+        self.dtype = None  # set by __setstate__; _array_from_bytes refuses it if not
 
     def __setstate__(self, state):
         # a plain integer dtype's state: (3, byte order, then six fields other dtypes fill in)
@@ -52,42 +53,26 @@ class _DType:
 
 
 def _array_from_bytes(raw, dtype, shape):
-    """A 1-D array from raw bytes, after checking that they are exactly what shape promises."""
-    if not isinstance(dtype, _DType) or not isinstance(raw, (bytes, bytearray)):
+    """A 1-D array over raw bytes, after checking that they are exactly what shape promises."""
+    if not isinstance(dtype, _DType) or dtype.dtype is None:
+        raise RefusedPickle("it holds an array in an unexpected layout")
+    if not isinstance(raw, (bytes, bytearray)):
         raise RefusedPickle("it holds an array in an unexpected layout")
     if len(shape) != 1 or shape[0] * dtype.dtype.itemsize != len(raw):
         raise RefusedPickle(f"it holds an array of shape {shape}; token ids must be 1-D")
-    return np.frombuffer(bytes(raw), dtype=dtype.dtype)
+    # no copy: a pickle can hand the same bytes to many arrays, and copies would multiply them
+    return np.frombuffer(raw, dtype=dtype.dtype)
 
 
 class _Array:
-    """Stands in for numpy.ndarray (and _reconstruct, which makes an empty one to fill)."""
+    """Stands in for numpy.ndarray: made empty, then filled by __setstate__ from the pickle."""
 
-    def __init__(self, *args):
-        self.array = None  # filled in by __setstate__; _one_sequence refuses it if not
+    def __init__(self):
+        self.array = None  # _one_sequence refuses an array that was never filled
 
     def __setstate__(self, state):
         version, shape, dtype, fortran_order, raw = state
         self.array = _array_from_bytes(raw, dtype, shape)
-
-
-def _scalar(dtype, raw):
-    """numpy.int64(5) and friends, as a plain int."""
-    return int(_array_from_bytes(raw, dtype, (1,))[0])
-
-
-def _frombuffer(buf, dtype, shape, order):
-    """How pickle protocol 5 stores an array: its bytes, dtype and shape."""
-    array = _Array()
-    array.array = _array_from_bytes(buf, dtype, shape)
-    return array
-
-
-def _latin1_encode(text, encoding):
-    """_codecs.encode as protocol-2 pickles use it: to turn a str back into the array's bytes."""
-    if encoding != "latin1" or not isinstance(text, str):
-        raise RefusedPickle(f"it wants to encode text as {encoding!r}")
-    return text.encode("latin1")
 
 
 class TokenUnpickler(pickle.Unpickler):
@@ -99,22 +84,34 @@ class TokenUnpickler(pickle.Unpickler):
     names goes through find_class. Here find_class refuses every name except the few a pickled
     numpy integer array uses, and even those are not numpy's own functions: numpy's rebuild
     functions trust their input, and a damaged or crafted pickle can crash them (fuzzing this file
-    found a segmentation fault). Each name maps instead to a small builder above that checks its
+    found a segmentation fault). Each name maps instead to a small method below that checks its
     arguments and calls np.frombuffer. The names differ between numpy 1.x (numpy.core) and 2.x
     (numpy._core); protocol 5 pickles use _frombuffer, protocol 2 pickles use _codecs.encode.
+
+    Nothing a pickle does may outlive its load: find_class returns a new function each time, never
+    a method or class itself, because the pickle's BUILD instruction sets attributes on whatever
+    find_class returned (even a function's __defaults__): on a shared builder, a crafted train.pkl
+    could change how val.pkl is read afterwards. The new function cannot be instantiated either
+    (NEWOBJ), so every array is made by make_array and filled by its own checked __setstate__.
+    Nor may a small file ask for much memory: see latin1_encode and _read_pickle.
     """
 
+    # the names a pickled numpy integer array uses, and the method that stands in for each
     BUILDERS = {
-        ("numpy", "dtype"): _DType,
-        ("numpy", "ndarray"): _Array,
-        ("numpy.core.multiarray", "_reconstruct"): _Array,
-        ("numpy._core.multiarray", "_reconstruct"): _Array,
-        ("numpy.core.multiarray", "scalar"): _scalar,
-        ("numpy._core.multiarray", "scalar"): _scalar,
-        ("numpy.core.numeric", "_frombuffer"): _frombuffer,
-        ("numpy._core.numeric", "_frombuffer"): _frombuffer,
-        ("_codecs", "encode"): _latin1_encode,
+        ("numpy", "dtype"): "make_dtype",
+        ("numpy", "ndarray"): "make_array",
+        ("numpy.core.multiarray", "_reconstruct"): "make_array",
+        ("numpy._core.multiarray", "_reconstruct"): "make_array",
+        ("numpy.core.multiarray", "scalar"): "make_scalar",
+        ("numpy._core.multiarray", "scalar"): "make_scalar",
+        ("numpy.core.numeric", "_frombuffer"): "frombuffer",
+        ("numpy._core.numeric", "_frombuffer"): "frombuffer",
+        ("_codecs", "encode"): "latin1_encode",
     }
+
+    def __init__(self, file, file_size):
+        super().__init__(file)
+        self.bytes_left = file_size  # what latin1_encode may still make in this load
 
     def find_class(self, module, name):
         if (module, name) not in self.BUILDERS:
@@ -124,39 +121,89 @@ class TokenUnpickler(pickle.Unpickler):
             raise RefusedPickle(
                 f"it wants to call {wanted}; only lists, ints and numpy integer arrays are allowed"
             )
-        return self.BUILDERS[module, name]
+        builder = getattr(self, self.BUILDERS[module, name])
+        return lambda *args: builder(*args)  # new each time: see the class docstring
+
+    def make_dtype(self, code, align=False, copy=True):
+        return _DType(code)
+
+    def make_array(self, *args):
+        """numpy.ndarray and _reconstruct: an empty array, which the pickle then fills."""
+        return _Array()
+
+    def make_scalar(self, dtype, raw):
+        """numpy.int64(5) and friends, as a plain int."""
+        return int(_array_from_bytes(raw, dtype, (1,))[0])
+
+    def frombuffer(self, buf, dtype, shape, order):
+        """How pickle protocol 5 stores an array: its bytes, dtype and shape."""
+        array = _Array()
+        array.array = _array_from_bytes(buf, dtype, shape)
+        return array
+
+    def latin1_encode(self, text, encoding):
+        """_codecs.encode as protocol-2 pickles use it: to turn a str back into an array's bytes."""
+        if encoding != "latin1" or not isinstance(text, str):
+            raise RefusedPickle(f"it wants to encode text as {encoding!r}")
+        # a pickle can encode one stored text again and again, a new copy each time; an honest
+        # one encodes each text once, so all of them together fit in the file
+        self.bytes_left -= len(text)
+        if self.bytes_left < 0:
+            raise RefusedPickle("it makes more bytes of array data than the file holds")
+        return text.encode("latin1")
 
 
 def _one_sequence(seq, path):
+    """The list, tuple or checked array that holds one sequence's ids; its items come later."""
     if isinstance(seq, _Array):
-        seq = seq.array
-    if isinstance(seq, (list, tuple, np.ndarray)):
+        seq = seq.array  # 1-D and integer (_array_from_bytes), or None if never filled
+    if not isinstance(seq, (list, tuple, np.ndarray)):
+        raise TokenFileError(
+            f"{path}: expected a list or 1-D array of integer token ids, or a list of them"
+        )
+    return seq
+
+
+def _as_ids(seq, path):
+    """One sequence as a 1-D integer array."""
+    if isinstance(seq, np.ndarray):
+        return seq
+    # ints only: np.array of a list of lists would allocate rows x columns before any check
+    if set(map(type, seq)) <= {int}:
         try:
-            ids = np.asarray(seq)
-        except ValueError:  # ragged nesting such as [1, [2, 3]]
-            ids = None
-        if ids is not None and ids.size == 0:
-            return np.empty(0, dtype=np.int64)
-        if ids is not None and ids.ndim == 1 and ids.dtype.kind in "iu":
-            return ids
+            return np.array(seq, dtype=np.int64)
+        except OverflowError:  # an int beyond 64 bits
+            pass
     raise TokenFileError(
         f"{path}: expected a list or 1-D array of integer token ids, or a list of them"
     )
 
 
 def _read_pickle(path):
+    size = path.stat().st_size
     try:
         with open(path, "rb") as f:
-            obj = TokenUnpickler(f).load()
+            obj = TokenUnpickler(f, size).load()
     except RefusedPickle as e:
         raise TokenFileError(f"{path}: refusing to load this pickle: {e}") from None
     except Exception as e:  # a damaged file fails in many ways; none of them ran foreign code
         raise TokenFileError(f"{path}: not a readable pickle of token ids ({e!r})") from None
     # a list whose items are sequences is a list of documents; anything else is one sequence
     if isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], (list, tuple, _Array)):
-        parts = [_one_sequence(seq, path) for seq in obj]
-        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-    return _one_sequence(obj, path)
+        docs = [_one_sequence(seq, path) for seq in obj]
+    else:
+        docs = [_one_sequence(obj, path)]
+    # A pickle can refer to one list again and again: 50,000 references to a list of 200,000 ids
+    # take 1 MB and would be 80 GB of int64. An honest file spends at least a byte on every id (a
+    # uint8 array; a pickled int takes two or more), so the ids are counted before they are read.
+    n_ids = sum(map(len, docs))
+    if n_ids > size:
+        raise TokenFileError(
+            f"{path}: refusing to load this pickle: it holds {n_ids:,} token ids in {size:,} bytes "
+            "(it refers to the same sequence many times)"
+        )
+    parts = [_as_ids(seq, path) for seq in docs]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _read_npy(path):

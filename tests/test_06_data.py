@@ -2,8 +2,10 @@
 through a restricted unpickler, .npy, .bin) and their errors, and make_toy_data.py."""
 
 import builtins
+import inspect
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -117,44 +119,211 @@ def test_a_forged_dtype_state_is_refused(tmp_path):
         D.load_tokens(path, vocab_size=256)
 
 
-FUZZ = """
-import os, pickle, random, resource, sys
+def test_newobj_on_the_ndarray_name_is_refused_in_one_line(tmp_path):
+    """NEWOBJ makes an object of the class find_class returned without calling __init__: for
+    numpy.ndarray that was an empty stand-in array, and an AttributeError traceback."""
+    newobj = b"cnumpy\nndarray\n)\x81"  # GLOBAL numpy.ndarray, EMPTY_TUPLE, NEWOBJ
+    files = {
+        "alone.pkl": b"\x80\x02" + newobj + b".",
+        # [[1, 2], <newobj>]: EMPTY_LIST, MARK, EMPTY_LIST, MARK, 1, 2, APPENDS, ..., APPENDS
+        "second.pkl": b"\x80\x02](](K\x01K\x02e" + newobj + b"e.",
+    }
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(D.TokenFileError) as error:
+            D.load_tokens(path, vocab_size=256)
+        assert str(error.value).startswith(f"{path}: not a readable pickle of token ids (")
+        assert "\n" not in str(error.value)
+
+
+# Loads that may go wrong run in a child process under a memory limit: a pickle that gets past the
+# checks can ask for tens of gigabytes, which must fail a test, not bring in the OOM killer.
+MEMORY_LIMIT = """
+import os, resource, sys, types
 import numpy as np
+# data.py needs torch only for DistributedDataLoader: a stand-in saves seconds of import
+sys.modules["torch"] = types.ModuleType("torch")
 sys.path.insert(0, "06_llama_ddp")
 import data as D
-# a damaged length field can make pickle allocate gigabytes: allow 256 MiB more than now
+# allow 256 MiB more than the process uses now
 in_use = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 resource.setrlimit(resource.RLIMIT_AS, (in_use + (1 << 28), in_use + (1 << 28)))
+"""
+LOAD_ONE = """
+try:
+    D.load_tokens(sys.argv[1], vocab_size=1 << 20)
+except D.TokenFileError as e:
+    print(e)
+"""
+
+
+def repeated_call(function, args, times):
+    """A pickle of a list of `times` results of function(*args), with the function and its
+    arguments stored once, in the pickle's memo, and each call referring back to them."""
+    return (
+        b"\x80\x03" + function + b"q\x640"  # the function, remembered as 100 (BINPUT), POP
+        + b"(" + args + b"tq\x650"  # MARK, the arguments, TUPLE, remembered as 101, POP
+        + b"](" + b"h\x64h\x65R" * times + b"e."  # a list of calls: BINGET 100, BINGET 101, REDUCE
+    )  # fmt: skip
+
+
+def memo_bombs():
+    """{name: (pickle, the error it must give)}. Each is under 1 MB; without a bound on what the
+    memo multiplies, it asks for 30 to 80 GB."""
+    ids = list(range(200_000))
+    text, raw = b"a" * 500_000, bytes(500_000)
+    # (text, "latin1"): two BINUNICODE
+    encode_args = b"X" + struct.pack("<I", len(text)) + text + b"X\x06\x00\x00\x00latin1"
+    u1 = pickle.dumps(np.dtype("u1"), protocol=2)[2:-1]  # its opcodes, without PROTO and STOP
+    shape = b"J" + struct.pack("<i", len(raw)) + b"\x85"  # BININT, TUPLE1
+    frombuffer_args = (  # (bytearray (BYTEARRAY8), dtype, shape, "C")
+        b"\x96" + struct.pack("<Q", len(raw)) + raw + u1 + shape + b"X\x01\x00\x00\x00C"
+    )
+    refused = "refusing to load this pickle: it"
+    return {
+        # one list of 200,000 ids, referred to 50,000 times, as documents or as rows of one
+        "documents": (
+            pickle.dumps([ids] * 50_000, protocol=2),
+            f"{refused} holds 10,000,000,000 token ids in 969,179 bytes",
+        ),
+        "rows": (
+            pickle.dumps([[ids] * 50_000], protocol=2),
+            "expected a list or 1-D array of integer token ids, or a list of them",
+        ),
+        # _codecs.encode(text, "latin1") 60,000 times on one 500 kB text (BINUNICODE)
+        "encode": (
+            repeated_call(b"c_codecs\nencode\n", encode_args, 60_000),
+            f"{refused} makes more bytes of array data than the file holds",
+        ),
+        # _frombuffer(bytearray, uint8, shape, "C") 90,000 times on one 500 kB bytearray
+        "frombuffer": (
+            repeated_call(b"cnumpy._core.numeric\n_frombuffer\n", frombuffer_args, 90_000),
+            f"{refused} holds 45,000,000,000 token ids in 950,130 bytes",
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["documents", "rows", "encode", "frombuffer"])
+def test_a_memo_bomb_is_refused_before_it_allocates(tmp_path, name):
+    content, message = memo_bombs()[name]
+    path = tmp_path / f"{name}.pkl"
+    path.write_bytes(content)
+    result = run([PYTHON, "-c", MEMORY_LIMIT + LOAD_ONE, path], timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
+    assert result.stdout.startswith(f"{path}: {message}") and result.stdout.count("\n") == 1
+
+
+def builder_state():
+    """What a pickle's BUILD instruction could change in data.py: the attributes and defaults of
+    every function, and every class's namespace and the functions in it."""
+
+    def function_state(f):
+        return dict(vars(f)), f.__defaults__, f.__kwdefaults__
+
+    state = {}
+    for name, obj in vars(D).items():
+        if inspect.isfunction(obj):
+            state[name] = function_state(obj)
+        elif inspect.isclass(obj) and obj.__module__ == D.__name__:
+            state[name] = dict(vars(obj))
+            for key, member in vars(obj).items():
+                if inspect.isfunction(member):
+                    state[f"{name}.{key}"] = function_state(member)
+    return state
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        # BUILD with a dict state on the _codecs.encode stand-in: sets its attribute foo = 7
+        b"c_codecs\nencode\n}U\x03fooK\x07sb.",
+        # BUILD with a slot state (None, {"__defaults__": (1, 2, 3, 4)}) on the _frombuffer one
+        b"cnumpy._core.numeric\n_frombuffer\n(N}U\x0c__defaults__(K\x01K\x02K\x03K\x04tstb.",
+    ],
+    ids=["dict-state", "slot-state"],
+)
+def test_build_on_an_allowed_name_leaves_no_trace(tmp_path, content):
+    path = tmp_path / "build.pkl"
+    path.write_bytes(content)
+    before = builder_state()
+    with pytest.raises(D.TokenFileError, match="expected a list or 1-D array of integer token"):
+        D.load_tokens(path, vocab_size=256)
+    assert builder_state() == before
+
+
+def test_a_crafted_train_pkl_cannot_change_how_val_pkl_is_read(tmp_path):
+    # val.pkl calls _frombuffer() without arguments: refused, as arguments are missing
+    val = tmp_path / "val.pkl"
+    val.write_bytes(b"\x80\x03cnumpy._core.numeric\n_frombuffer\n)R.")
+    with pytest.raises(D.TokenFileError) as refused:
+        D.load_tokens(val, vocab_size=256)
+    # train.pkl gives _frombuffer default arguments that make the ids [7, 8] (slot state BUILD)
+    u2 = pickle.dumps(np.dtype("<u2"), protocol=2)[2:-1]  # its opcodes, without PROTO and STOP
+    defaults = b"(C\x04\x07\x00\x08\x00" + u2 + b"K\x02\x85X\x01\x00\x00\x00Ct"
+    train = tmp_path / "train.pkl"
+    train.write_bytes(
+        b"\x80\x03cnumpy._core.numeric\n_frombuffer\n(N}U\x0c__defaults__" + defaults + b"stb."
+    )
+    with pytest.raises(D.TokenFileError):
+        D.load_tokens(train, vocab_size=256)
+    with pytest.raises(D.TokenFileError) as still_refused:
+        D.load_tokens(val, vocab_size=256)
+    assert str(still_refused.value) == str(refused.value)
+
+
+FUZZ = """
+import pickle, random
 rng = random.Random(1)
-valid = [pickle.dumps(np.arange(50, dtype=np.uint16), protocol=p) for p in (2, 4, 5)]
-valid += [pickle.dumps(list(range(300))), pickle.dumps([[1, 2], np.arange(3)])]
-path = sys.argv[1]
+valid = []
+for protocol in (2, 3, 4, 5):
+    shared = [3, 1, 4, 1, 5]  # one list the pickle refers to twice (its memo)
+    forms = [np.arange(50, dtype=np.uint16), np.arange(40, dtype=np.int64), list(range(300)),
+             [[1, 2], np.arange(3, dtype=np.uint8)], [shared, shared, (9, 2, 6)]]
+    valid += [pickle.dumps(form, protocol=protocol) for form in forms]
 outcomes = {"loaded": 0, "refused": 0}
-for _ in range(2000):
+for case in range(2000):
     data = bytearray(rng.choice(valid))
     for _ in range(rng.randint(1, 4)):
-        data[rng.randrange(len(data))] = rng.randrange(256)
-    if rng.random() < 0.3:
+        i = rng.randrange(len(data))
+        kind = rng.random()
+        if kind < 0.7:  # overwrite a byte
+            data[i] = rng.randrange(256)
+        elif kind < 0.85:  # insert one
+            data.insert(i, rng.randrange(256))
+        else:  # delete one
+            del data[i]
+    if rng.random() < 0.2:
         data = data[: rng.randrange(len(data))]
+    # a new file each time: on ext4, rewriting one file in place was 20 times slower
+    path = os.path.join(sys.argv[1], f"damaged{case}.pkl")
     with open(path, "wb") as f:
         f.write(data)
     try:
-        D.load_tokens(path, vocab_size=1 << 20)
-        outcomes["loaded"] += 1
+        ids = D.load_tokens(path, vocab_size=1 << 20)
     except D.TokenFileError as e:
-        assert "\\n" not in str(e)
+        assert "\\n" not in str(e) and str(e).startswith(path + ": "), str(e)
         outcomes["refused"] += 1
+    else:
+        assert isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu", repr(ids)
+        assert 0 < len(ids) <= len(data) and 0 <= ids.min() and ids.max() < 1 << 20
+        outcomes["loaded"] += 1
+    os.remove(path)
 print(outcomes)
 """
 
 
-def test_damaged_pickles_are_refused_without_crashing(tmp_path):
-    """2,000 randomly damaged pickles of token ids, in a child process so that a crash (numpy's
-    own rebuild functions segfaulted on some of these) fails the test instead of pytest."""
-    result = run([PYTHON, "-c", FUZZ, tmp_path / "damaged.pkl"], timeout=120)
+def test_damaged_pickles_load_as_token_ids_or_give_one_line(tmp_path):
+    """2,000 random byte changes, insertions, deletions and truncations of valid pickles
+    (protocols 2 to 5; arrays, lists and lists of documents), in a child process under a memory
+    limit, so that a crash (numpy's own rebuild functions segfaulted on some of these) or a huge
+    allocation fails the test instead of pytest. Each file loads as a 1-D integer array or gives
+    one line: any other exception ends the child with a traceback."""
+    result = run([PYTHON, "-c", MEMORY_LIMIT + FUZZ, tmp_path], timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     outcomes = eval(result.stdout)  # the dict printed by FUZZ
-    assert outcomes["refused"] > 1000 and sum(outcomes.values()) == 2000
+    assert outcomes["refused"] > 1000 and outcomes["loaded"] > 100
+    assert sum(outcomes.values()) == 2000
 
 
 def write_every_format(tokens, folder):

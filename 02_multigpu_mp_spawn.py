@@ -122,8 +122,17 @@ def global_mean(total, count, device):
 
 def save_checkpoint(model, path):
     # Write a temp file, then rename it: a crash mid-write never leaves a half-written checkpoint.
-    torch.save(model.state_dict(), path + ".tmp")
-    os.replace(path + ".tmp", path)
+    # fsync the file before the rename and its folder after: otherwise a lost node or a power cut
+    # can leave an empty file under the new name on the network filesystems clusters use.
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(model.state_dict(), f)
+        os.fsync(f.fileno())  # torch.save has flushed f's buffer to the OS
+    os.replace(tmp, path)
+    if os.name == "posix":  # Windows cannot open a folder to fsync it
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        os.fsync(folder)
+        os.close(folder)
 
 
 def main(rank, world_size, args, data):
@@ -151,8 +160,8 @@ def main(rank, world_size, args, data):
                 f"{args.batch_size} | train loss {train_loss:.4f} | val loss {val_loss:.4f}"
             )
         if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.total_epochs):
-            save_checkpoint(model.module, "checkpoint.pt")  # .module: the model inside DDP
-            print(f"epoch {epoch} | checkpoint saved at checkpoint.pt")
+            save_checkpoint(model.module, "checkpoint_02.pt")  # .module: the model inside DDP
+            print(f"epoch {epoch} | checkpoint saved at checkpoint_02.pt")
     # Wait until rank 0 has written its last file before anyone tears down (with gloo this also
     # makes a rare abort at exit rarer: see the README, step 02, point 8).
     dist.barrier()

@@ -46,8 +46,8 @@ def parse_args():
     )
     parser.add_argument(
         "--snapshot_path",
-        default="snapshot.pt",
-        help="where to save the snapshot, and resume from if it exists (default: snapshot.pt)",
+        default="snapshot_03.pt",
+        help="where to save the snapshot, and resume from if it exists (default: snapshot_03.pt)",
     )
     args = parser.parse_args()
     if args.device == "auto":
@@ -57,6 +57,14 @@ def parse_args():
     if "LOCAL_RANK" not in os.environ:
         parser.error(
             "start me with torchrun, e.g. torchrun --standalone --nproc_per_node=2 " + PROG
+        )
+    # On one machine LOCAL_RANK is the rank. On several, it is not (each machine counts from 0),
+    # so this step would train the same shard and write the same snapshot on every machine.
+    world, here = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
+    if world != here:
+        parser.error(
+            f"this step runs on one machine, but torchrun started {here} of the {world} "
+            "processes here: for several machines use step 04 (04_multinode.py)"
         )
     return args
 
@@ -120,26 +128,44 @@ def global_mean(total, count, device):
     return (both[0] / both[1]).item()
 
 
-def save_snapshot(model, optimizer, epochs_run, path):
+def save_snapshot(model, optimizer, epochs_run, world_size, path):
     """Everything needed to continue exactly: weights, optimizer state (momentum), epochs done."""
     snapshot = {
         "model": model.module.state_dict(),  # .module: the model inside DDP
         "optimizer": optimizer.state_dict(),
         "epochs_run": epochs_run,
+        # Who wrote it, so that a snapshot of another step or world size never resumes unnoticed.
+        "written_by": PROG,
+        "world_size": world_size,
     }
     # Write a temp file, then rename it: a crash mid-write never leaves a half-written snapshot.
-    torch.save(snapshot, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    # fsync the file before the rename and its folder after: otherwise a lost node or a power cut
+    # can leave an empty file under the new name on the network filesystems clusters use.
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(snapshot, f)
+        os.fsync(f.fileno())  # torch.save has flushed f's buffer to the OS
+    os.replace(tmp, path)
+    if os.name == "posix":  # Windows cannot open a folder to fsync it
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        os.fsync(folder)
+        os.close(folder)
 
 
 def load_snapshot(path, model, optimizer, device):
-    """Restore model and optimizer from a snapshot; returns the number of epochs it had done."""
+    """Restore model and optimizer from a snapshot; returns the epochs it had done and the world
+    size that wrote it."""
     try:
         # weights_only=True: only tensors and plain containers, never code, are unpickled.
         snapshot = torch.load(path, map_location=device, weights_only=True)
+        if snapshot["written_by"] != PROG:  # another step's snapshot: another experiment
+            sys.exit(
+                f"{PROG}: error: {path} is a snapshot of {snapshot['written_by']}, not of this "
+                "step; move it away or pass another --snapshot_path"
+            )
         model.load_state_dict(snapshot["model"])
         optimizer.load_state_dict(snapshot["optimizer"])
-        return int(snapshot["epochs_run"])
+        return int(snapshot["epochs_run"]), int(snapshot["world_size"])
     except (RuntimeError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as e:
         # A truncated file, another program's file, or a snapshot of a different model.
         sys.exit(
@@ -160,9 +186,17 @@ def main(args, data):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     epochs_run = 0
     if os.path.exists(args.snapshot_path):  # a restart after a failure, or a resubmitted job
-        epochs_run = load_snapshot(args.snapshot_path, model, optimizer, device)
+        epochs_run, saved_world_size = load_snapshot(args.snapshot_path, model, optimizer, device)
         if rank == 0:
             print(f"Resuming training from snapshot {args.snapshot_path} at epoch {epochs_run}")
+        # Allowed (another --nproc_per_node, an elastic job that lost a machine), but said: the
+        # global batch, and so the training, differ from those of an uninterrupted run.
+        if rank == 0 and saved_world_size != world_size:
+            print(
+                f"Note: {args.snapshot_path} was written by {saved_world_size} processes, this "
+                f"run has {world_size}: training goes on with a global batch of {world_size} x "
+                f"{args.batch_size} samples"
+            )
     model = DDP(model, device_ids=[rank] if device.type == "cuda" else None)
     train_loader, val_loader = make_loaders(
         train_set, val_set, args.batch_size, rank, world_size, args.seed
@@ -180,7 +214,7 @@ def main(args, data):
                 f"{args.batch_size} | train loss {train_loss:.4f} | val loss {val_loss:.4f}"
             )
         if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.total_epochs):
-            save_snapshot(model, optimizer, epoch + 1, args.snapshot_path)
+            save_snapshot(model, optimizer, epoch + 1, world_size, args.snapshot_path)
             print(f"epoch {epoch} | snapshot saved at {args.snapshot_path}")
     # Wait until rank 0 has written its last file before anyone tears down (with gloo this also
     # makes a rare abort at exit rarer: see the README, step 02, point 8).

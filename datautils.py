@@ -5,6 +5,8 @@ Two sources:
   the loss visibly goes down;
 - your own arrays with --data_dir DIR holding X_train.npy, y_train.npy, X_val.npy, y_val.npy.
   Integer labels mean classification (cross-entropy), float targets mean regression (MSE).
+
+    python datautils.py my_data/      # writes the synthetic task there, to try --data_dir my_data/
 """
 
 import argparse
@@ -60,6 +62,12 @@ def _check_split(X, y, name):
         )
     if len(X) == 0:
         raise DataError(f"X_{name}.npy has no samples")
+    if np.issubdtype(y.dtype, np.integer) and y.ndim == 2 and y.shape[1] != 1:
+        raise DataError(
+            f"y_{name}.npy: integer labels must be one class index per sample, shape "
+            f"({len(X)},) or ({len(X)}, 1), got {y.shape} (one-hot? save y.argmax(1); "
+            "several regression targets? save them as floats)"
+        )
     if not np.issubdtype(X.dtype, np.number) or not np.isfinite(X).all():
         raise DataError(f"X_{name}.npy must hold finite numbers (found NaN, inf or non-numbers)")
     if not np.issubdtype(y.dtype, np.number) or not np.isfinite(y).all():
@@ -115,3 +123,23 @@ def make_model(train_set, val_set, seed):
         n_classes = int(max(y_train.max(), val_set.tensors[1].max())) + 1
         return torch.nn.Linear(X_train.shape[1], n_classes), F.cross_entropy
     return torch.nn.Linear(X_train.shape[1], y_train.shape[1]), F.mse_loss
+
+
+if __name__ == "__main__":
+    # Write the synthetic task as the four .npy files that --data_dir reads: the same numbers as
+    # the default data, so a step prints the same losses with or without --data_dir.
+    parser = argparse.ArgumentParser(
+        prog="datautils.py", description="write the synthetic task as .npy files for --data_dir"
+    )
+    parser.add_argument(
+        "data_dir", help="folder for X_train.npy, y_train.npy, X_val.npy, y_val.npy"
+    )
+    data_dir = Path(parser.parse_args().data_dir)
+    paths = [data_dir / f"{name}.npy" for name in ("X_train", "y_train", "X_val", "y_val")]
+    for path in paths:
+        if path.exists():  # never overwrite arrays that may be someone's real data
+            parser.error(f"{path} exists; remove it or choose another folder")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for path, array in zip(paths, synthetic_data(seed=0), strict=True):
+        np.save(path, array.numpy())
+    print(f"wrote {', '.join(path.name for path in paths)} to {data_dir}")

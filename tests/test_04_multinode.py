@@ -94,7 +94,7 @@ def reference_snapshot(tmp_path_factory):
     cmd = torchrun("--standalone", "--nproc_per_node=2", script("04_multinode.py"), *TRAIN)
     result = run(cmd, cwd=folder, env=worker_env(), timeout=120, check=True)
     assert "rank 1 of 2 (local rank 1)" in result.stdout
-    return folder / "snapshot.pt"
+    return folder / "snapshot_04.pt"
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_two_agents_on_loopback_equal_one_node(tmp_path, reference):
     writer, other = (out0, out1) if "rank 0 of 2" in out0 else (out1, out0)
     assert WRITES in writer and WRITES not in other
     assert "train loss" in writer and "train loss" not in other
-    assert_same_weights(tmp_path / "snapshot.pt", reference)
+    assert_same_weights(tmp_path / "snapshot_04.pt", reference)
 
 
 @pytest.mark.slow
@@ -137,7 +137,7 @@ def test_nodes_resuming_from_different_epochs_stop_with_a_clear_error(tmp_path, 
     disks = [tmp_path / "node_a", tmp_path / "node_b"]
     for disk in disks:
         disk.mkdir()
-    shutil.copy(reference_snapshot, disks[0] / "snapshot.pt")
+    shutil.copy(reference_snapshot, disks[0] / "snapshot_04.pt")
     cmd = agent(f"127.0.0.1:{free_port()}", train=["12", "2"])
     results = run_agents([cmd, cmd], disks, [tmp_path / "a.log", tmp_path / "b.log"])
     expected = (
@@ -150,8 +150,8 @@ def test_nodes_resuming_from_different_epochs_stop_with_a_clear_error(tmp_path, 
         # one line from the script, no traceback through it (torchrun's own report follows)
         assert f'File "{script("04_multinode.py")}"' not in out, out
     # nothing was written: node_a's snapshot is untouched, node_b still has none
-    assert torch.load(disks[0] / "snapshot.pt", weights_only=True)["epochs_run"] == 10
-    assert not (disks[1] / "snapshot.pt").exists()
+    assert torch.load(disks[0] / "snapshot_04.pt", weights_only=True)["epochs_run"] == 10
+    assert not (disks[1] / "snapshot_04.pt").exists()
 
 
 @pytest.mark.slow
@@ -203,7 +203,7 @@ def test_two_hosts_agree_on_the_world_and_equal_one_node(tmp_path, hosts, refere
         assert [(world, name) for _, world, name in found] == [("2", host)], out
         ranks.append(found[0][0])
     assert sorted(ranks) == ["0", "1"]
-    assert_same_weights(tmp_path / "snapshot.pt", reference)
+    assert_same_weights(tmp_path / "snapshot_04.pt", reference)
 
 
 @pytest.mark.slow
@@ -222,7 +222,7 @@ def test_a_killed_node_recovers_from_its_own_snapshot(tmp_path, hosts, reference
     try:
 
         def snapshot_epoch():
-            path = disks[1] / "snapshot.pt"
+            path = disks[1] / "snapshot_04.pt"
             return path.exists() and torch.load(path, weights_only=True)["epochs_run"] >= 4
 
         wait_for(snapshot_epoch, 120, "node2's snapshot of epoch 4")
@@ -238,10 +238,10 @@ def test_a_killed_node_recovers_from_its_own_snapshot(tmp_path, hosts, reference
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
     # each host read its own snapshot, both of the same epoch, at least the one seen above
     resumed = [
-        re.findall(r"Resuming training from snapshot snapshot.pt at epoch (\d+)", out)
+        re.findall(r"Resuming training from snapshot snapshot_04.pt at epoch (\d+)", out)
         for out in outs
     ]
     assert len(resumed[0]) == len(resumed[1]) == 1, outs
     assert resumed[0] == resumed[1] and int(resumed[0][0]) >= 4
     for disk in disks:
-        assert_same_weights(disk / "snapshot.pt", reference)
+        assert_same_weights(disk / "snapshot_04.pt", reference)

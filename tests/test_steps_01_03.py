@@ -27,6 +27,8 @@ from datautils import load_datasets, make_model
 
 PY = sys.executable
 STEP1, STEP2, STEP3 = "01_single_gpu.py", "02_multigpu_mp_spawn.py", "03_multigpu_torchrun.py"
+# Each step writes its own file, so no step ever resumes another's state.
+OUTPUT = {STEP1: "checkpoint_01.pt", STEP2: "checkpoint_02.pt", STEP3: "snapshot_03.pt"}
 
 
 def losses(output, kind):
@@ -36,8 +38,8 @@ def losses(output, kind):
 def step3_single_process(*args, cwd):
     """03 as one worker, started the way torchrun would start it (env vars), minus torchrun's
     start-up cost: fine for tests of argument, data and snapshot handling."""
-    env = worker_env(LOCAL_RANK=0, RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=free_port())  # fmt: skip
+    env = worker_env(LOCAL_RANK=0, RANK=0, WORLD_SIZE=1, LOCAL_WORLD_SIZE=1,
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())  # fmt: skip
     return run([PY, script(STEP3), *map(str, args)], cwd=cwd, env=env, timeout=60)
 
 
@@ -65,7 +67,7 @@ def test_readme_command_trains_and_saves(name, tmp_path):
     train, val = losses(result.stdout, "train"), losses(result.stdout, "val")
     assert len(train) == len(val) == 6, result.stdout  # one line per epoch, from rank 0 only
     assert train[-1] < 0.5 * train[0] and val[-1] < 0.5 * val[0], result.stdout
-    saved = tmp_path / ("snapshot.pt" if name == STEP3 else "checkpoint.pt")
+    saved = tmp_path / OUTPUT[name]
     state = torch.load(saved, weights_only=True)
     weights = state["model"] if name == STEP3 else state
     assert set(weights) == {"weight", "bias"}  # plain keys: no "module." prefix from DDP
@@ -88,8 +90,8 @@ def test_two_ranks_equal_one_process_with_double_batch(tmp_path):
         check=True)  # fmt: skip
     run([PY, script(STEP2), 3, 3, "--world_size", 1, "--batch_size", 32], cwd=tmp_path / "single",
         check=True)  # fmt: skip
-    ddp = torch.load(tmp_path / "ddp/checkpoint.pt", weights_only=True)
-    single = torch.load(tmp_path / "single/checkpoint.pt", weights_only=True)
+    ddp = torch.load(tmp_path / "ddp/checkpoint_02.pt", weights_only=True)
+    single = torch.load(tmp_path / "single/checkpoint_02.pt", weights_only=True)
     # 3 epochs x 64 steps: the gradients DDP averaged equal the big batch's, up to float rounding.
     assert_same_params(ddp, single, exact=False)
     # training moved the weights far from where they started, so the comparison means something
@@ -102,8 +104,8 @@ def test_torchrun_step_matches_mp_spawn_step(tmp_path):
     run([PY, script(STEP2), 2, 2], cwd=tmp_path, check=True)
     run(torchrun("--standalone", "--nproc_per_node=2", script(STEP3), 2, 2), cwd=tmp_path,
         check=True)  # fmt: skip
-    spawned = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    launched = torch.load(tmp_path / "snapshot.pt", weights_only=True)["model"]
+    spawned = torch.load(tmp_path / "checkpoint_02.pt", weights_only=True)
+    launched = torch.load(tmp_path / "snapshot_03.pt", weights_only=True)["model"]
     assert_same_params(spawned, launched, exact=True)
 
 
@@ -203,7 +205,7 @@ def test_killed_worker_resumes_from_snapshot_with_identical_result(tmp_path):
     (tmp_path / "clean").mkdir(), (tmp_path / "killed").mkdir()
     run(torchrun("--standalone", "--nproc_per_node=2", *args), cwd=tmp_path / "clean", check=True)
 
-    snapshot = tmp_path / "killed" / "snapshot.pt"
+    snapshot = tmp_path / "killed" / "snapshot_03.pt"
     agent = start(torchrun("--standalone", "--nproc_per_node=2", "--max-restarts=1", *args),
                   cwd=tmp_path / "killed")  # fmt: skip
     try:
@@ -217,7 +219,7 @@ def test_killed_worker_resumes_from_snapshot_with_identical_result(tmp_path):
     resumed = re.findall(r"Resuming training from snapshot \S+ at epoch (\d+)", output)
     assert resumed and 1 <= int(resumed[0]) < 12, output[-3000:]
     assert "epoch 11 | snapshot saved" in output
-    clean = torch.load(tmp_path / "clean/snapshot.pt", weights_only=True)
+    clean = torch.load(tmp_path / "clean/snapshot_03.pt", weights_only=True)
     killed = torch.load(snapshot, weights_only=True)
     assert killed["epochs_run"] == clean["epochs_run"] == 12
     assert_same_params(clean["model"], killed["model"], exact=True)
@@ -228,9 +230,10 @@ def test_resume_does_not_repeat_the_finished_epoch(tmp_path):
     step3_single_process(3, 3, cwd=tmp_path)
     result = step3_single_process(5, 1, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "Resuming training from snapshot snapshot.pt at epoch 3" in result.stdout
+    assert "Resuming training from snapshot snapshot_03.pt at epoch 3" in result.stdout
     assert re.findall(r"epoch (\d+) \|", result.stdout)[:2] == ["3", "3"]  # loss line, save line
     assert "epoch 2 " not in result.stdout
+    assert "Note:" not in result.stdout  # same world size: nothing to announce
 
 
 # --- 5. snapshots interrupted mid-write, corrupt or foreign ---------------------------------
@@ -245,28 +248,28 @@ opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 class Wrapped:  # stands in for DDP: save_snapshot reads .module
     module = model
 real_save = torch.save
-def dying_save(obj, path):
-    real_save(obj, path)
-    with open(path, "r+b") as f:  # half of the bytes reached the disk, then the power went out
-        f.truncate(os.path.getsize(path) // 2)
+def dying_save(obj, f):
+    real_save(obj, f)
+    f.flush()
+    f.truncate(f.tell() // 2)  # half of the bytes reached the disk, then the power went out
     os.kill(os.getpid(), signal.SIGKILL)
 torch.save = dying_save
 torch.nn.init.constant_(model.weight, 7.0)
-step3.save_snapshot(Wrapped, opt, 5, "snapshot.pt")
+step3.save_snapshot(Wrapped, opt, 5, 1, "snapshot_03.pt")
 """
 
 
 def test_snapshot_killed_mid_write_leaves_the_old_one_intact(tmp_path):
     step3_single_process(2, 2, cwd=tmp_path)
-    before = (tmp_path / "snapshot.pt").read_bytes()
+    before = (tmp_path / "snapshot_03.pt").read_bytes()
     code = KILL_DURING_SAVE.format(root=str(ROOT / "tests"))
     result = run([PY, "-c", code], cwd=tmp_path, env=worker_env(), timeout=60)
     assert result.returncode == -signal.SIGKILL
-    assert (tmp_path / "snapshot.pt").read_bytes() == before
+    assert (tmp_path / "snapshot_03.pt").read_bytes() == before
     # the half-written temp file is never read, and the run resumes from the intact snapshot
     result = step3_single_process(3, 1, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "Resuming training from snapshot snapshot.pt at epoch 2" in result.stdout
+    assert "Resuming training from snapshot snapshot_03.pt at epoch 2" in result.stdout
 
 
 def truncated(path):
@@ -290,18 +293,18 @@ def other_model(path):
 @pytest.mark.parametrize("spoil", [truncated, foreign, not_torch, other_model])
 def test_unreadable_snapshot_is_a_clear_error_and_is_kept(spoil, tmp_path):
     step3_single_process(1, 1, cwd=tmp_path)
-    spoil(tmp_path / "snapshot.pt")
-    before = (tmp_path / "snapshot.pt").read_bytes()
+    spoil(tmp_path / "snapshot_03.pt")
+    before = (tmp_path / "snapshot_03.pt").read_bytes()
     result = step3_single_process(3, 1, cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
     assert re.fullmatch(
-        rf"{STEP3}: error: snapshot.pt is not a readable snapshot of this model \(\w+\); "
+        rf"{STEP3}: error: snapshot_03.pt is not a readable snapshot of this model \(\w+\); "
         r"move it away or pass another --snapshot_path",
         line,
     )
-    assert (tmp_path / "snapshot.pt").read_bytes() == before
+    assert (tmp_path / "snapshot_03.pt").read_bytes() == before
 
 
 # --- 6. bad input ----------------------------------------------------------------------------
@@ -331,6 +334,12 @@ BAD_DATA = {
     "non_finite": ({"X_train": X_BAD_NAN}, "X_train.npy must hold finite numbers"),
     "features_differ": ({"X_val": np.zeros((16, 4), np.float32)}, "different numbers of features"),
     "object_array": ({"y_val": np.array([{}] * 16)}, "y_val.npy: not a plain numeric .npy array"),
+    # one-hot or several integer columns: once crashed with "Size mismatch between tensors"
+    "int_labels_2d": (
+        {"y_train": np.eye(3, dtype=np.int64)[np.arange(64) % 3]},
+        "y_train.npy: integer labels must be one class index per sample, shape (64,) or (64, 1), "
+        "got (64, 3)",
+    ),
 }
 
 
@@ -344,16 +353,16 @@ def test_bad_data_gets_one_clear_line(case, tmp_path):
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"{STEP1}: error: ") and message.format(d=data) in line
-    assert not (tmp_path / "checkpoint.pt").exists()
+    assert not (tmp_path / "checkpoint_01.pt").exists()
 
 
 def test_npy_classification_and_regression_both_train(tmp_path):
     cls = write_npy(tmp_path / "cls")
     result = run([PY, script(STEP1), 3, 3, "--data_dir", cls], cwd=tmp_path, check=True)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["weight"].shape == (3, 5)
+    assert torch.load(tmp_path / "checkpoint_01.pt", weights_only=True)["weight"].shape == (3, 5)
     reg = write_npy(tmp_path / "reg", y_train=np.ones((64, 2)), y_val=np.ones((16, 2)))
     result = run([PY, script(STEP1), 3, 3, "--data_dir", reg], cwd=tmp_path, check=True)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["weight"].shape == (2, 5)
+    assert torch.load(tmp_path / "checkpoint_01.pt", weights_only=True)["weight"].shape == (2, 5)
     assert len(losses(result.stdout, "val")) == 3
 
 
@@ -401,13 +410,13 @@ def test_step2_world_size_larger_than_gpu_count(monkeypatch, capsys):
 
 def test_step3_bad_data_under_torchrun_keeps_the_snapshot(tmp_path):
     step3_single_process(1, 1, cwd=tmp_path)
-    before = (tmp_path / "snapshot.pt").read_bytes()
+    before = (tmp_path / "snapshot_03.pt").read_bytes()
     result = run(torchrun("--standalone", "--nproc_per_node=2", script(STEP3), 3, 1,
                           "--data_dir", tmp_path / "nope"), cwd=tmp_path)  # fmt: skip
     assert result.returncode != 0
     line = f"{STEP3}: error: --data_dir {tmp_path / 'nope'}: no such directory"
     assert line in result.stderr.splitlines()  # each rank prints it; torchrun adds its report
-    assert (tmp_path / "snapshot.pt").read_bytes() == before
+    assert (tmp_path / "snapshot_03.pt").read_bytes() == before
 
 
 def test_step3_without_torchrun_says_how_to_start_it(tmp_path):

@@ -45,7 +45,12 @@ echo "job $SLURM_JOB_ID: $SLURM_JOB_NUM_NODES nodes ($SLURM_JOB_NODELIST)," \
 # head node; --rdzv_id names this job's rendezvous, so nothing else can join it by mistake.
 # --max-restarts: if a process dies, every node restarts its processes, which resume from the
 # last snapshot.
-srun torchrun \
+# --kill-on-bad-exit: a node whose torchrun gives up (restarts spent, or it cannot start at all)
+# ends the whole job at once; without it the others would wait for it until torchrun's
+# join_timeout (10 minutes).
+# bash -c: each node prints its name (so the log shows every node that took part), then runs
+# torchrun with the arguments that follow.
+srun --kill-on-bad-exit=1 bash -c 'echo "torchrun on $(hostname)"; exec torchrun "$@"' torchrun \
     --nnodes="$SLURM_JOB_NUM_NODES" \
     --nproc_per_node="$nproc_per_node" \
     --rdzv_id="$SLURM_JOB_ID" \

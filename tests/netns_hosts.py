@@ -4,14 +4,16 @@ Layout: a "switch" namespace holding a bridge, and one namespace per host plugge
 veth pair. All addresses are 10.213.0.x and exist only inside these namespaces; the machine's own
 network (the root namespace) gets nothing new but the /etc/netns files.
 
-    namespace ddpt-switch    bridge br0    (no address)
-    namespace ddpt-node1     eth0          10.213.0.1    hostname node1
-    namespace ddpt-node2     eth0          10.213.0.2    hostname node2
+    namespace ddpt-PID-switch    bridge br0    (no address)
+    namespace ddpt-PID-node1     eth0          10.213.0.1    hostname node1
+    namespace ddpt-PID-node2     eth0          10.213.0.2    hostname node2
 
-Each host gets its own /etc/hosts (`/etc/netns/ddpt-NAME/hosts`, which `ip netns exec` mounts over
-/etc/hosts) naming every host, so a plain `--rdzv_endpoint=node1:29500` resolves as on a cluster.
-Every host has its own address, so nothing can accidentally talk over 127.0.0.1: a process that
-binds or connects to the wrong address fails the test instead of passing by luck.
+PID is the test process's: two test runs at once (two people on one machine) each get their own
+network and never touch the other's. Each host gets its own /etc/hosts
+(`/etc/netns/ddpt-PID-NAME/hosts`, which `ip netns exec` mounts over /etc/hosts) naming every host,
+so a plain `--rdzv_endpoint=node1:29500` resolves as on a cluster. Every host has its own address,
+so nothing can accidentally talk over 127.0.0.1: a process that binds or connects to the wrong
+address fails the test instead of passing by luck.
 
 Needs root, `ip` (iproute2) and `unshare`/`nsenter` (util-linux); `skip_reason()` says what is
 missing. `network(...)` removes namespaces, links and hosts files on exit, even after a failure, and
@@ -19,15 +21,20 @@ also removes leftovers of an earlier run that was killed before it could clean u
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
-PREFIX = "ddpt-"  # every namespace, link and /etc/netns folder made here starts with this
-SWITCH = PREFIX + "switch"
+PREFIX = "ddpt-"  # every namespace and /etc/netns folder made here starts with this, then a pid
 SUBNET = "10.213.0"
+
+
+def own_prefix():
+    """The start of the names of this process's namespaces."""
+    return f"{PREFIX}{os.getpid()}-"
 
 
 def sh(*cmd, check=True):
@@ -41,7 +48,7 @@ def skip_reason():
     for tool in ("ip", "unshare", "nsenter"):
         if shutil.which(tool) is None:
             return f"needs `{tool}` (apt-get install iproute2 util-linux)"
-    probe = PREFIX + "probe"
+    probe = own_prefix() + "probe"
     made = sh("ip", "netns", "add", probe, check=False)
     sh("ip", "netns", "del", probe, check=False)
     if made.returncode != 0:
@@ -58,7 +65,7 @@ class Hosts:
 
     @staticmethod
     def netns(name):
-        return PREFIX + name
+        return own_prefix() + name
 
     def run_cmd(self, name, cmd):
         """`cmd` as a process on host `name`: its network, its /etc/hosts, its hostname."""
@@ -83,26 +90,45 @@ def _hosts_file(hosts):
     return "\n".join(lines) + "\n"
 
 
-def remove_all():
-    """Remove every namespace and hosts folder with our prefix, killing what runs inside."""
+def _owner_gone(name):
+    """True for a namespace or folder of a test process that no longer runs."""
+    found = re.match(rf"{PREFIX}(\d+)-", name)
+    return found is not None and not Path(f"/proc/{found[1]}").exists()
+
+
+def remove(prefix):
+    """Remove every namespace and hosts folder whose name starts with `prefix`, killing what runs
+    inside."""
     listed = sh("ip", "netns", "list", check=False).stdout.split()
-    for ns in [word for word in listed if word.startswith(PREFIX)]:
+    for ns in [word for word in listed if word.startswith(prefix)]:
         for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
             try:
                 os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:
                 pass
         sh("ip", "netns", "del", ns, check=False)  # deleting a namespace deletes its veth ends
-    for folder in Path("/etc/netns").glob(PREFIX + "*"):
+    for folder in Path("/etc/netns").glob(prefix + "*"):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def remove_leftovers():
+    """Remove what test processes killed before their clean-up left behind (never another
+    running process's network)."""
+    listed = sh("ip", "netns", "list", check=False).stdout.split()
+    folders = [f.name for f in Path("/etc/netns").glob(PREFIX + "*")]
+    for name in {*listed, *folders}:
+        if _owner_gone(name):
+            remove(name)
+
+
 def create(names):
-    remove_all()
+    remove_leftovers()
     hosts = Hosts(names)
-    sh("ip", "netns", "add", SWITCH)
-    sh("ip", "-n", SWITCH, "link", "add", "br0", "type", "bridge")
-    sh("ip", "-n", SWITCH, "link", "set", "br0", "up")
+    remove(own_prefix())  # an earlier network of this same process
+    switch = hosts.netns("switch")
+    sh("ip", "netns", "add", switch)
+    sh("ip", "-n", switch, "link", "add", "br0", "type", "bridge")
+    sh("ip", "-n", switch, "link", "set", "br0", "up")
     for i, name in enumerate(hosts.names):
         ns, port = hosts.netns(name), f"port{i}"
         folder = Path("/etc/netns") / ns
@@ -113,7 +139,7 @@ def create(names):
         sh(
             "ip",
             "-n",
-            SWITCH,
+            switch,
             "link",
             "add",
             port,
@@ -125,8 +151,8 @@ def create(names):
             "netns",
             ns,
         )
-        sh("ip", "-n", SWITCH, "link", "set", port, "master", "br0")
-        sh("ip", "-n", SWITCH, "link", "set", port, "up")
+        sh("ip", "-n", switch, "link", "set", port, "master", "br0")
+        sh("ip", "-n", switch, "link", "set", port, "up")
         sh("ip", "-n", ns, "addr", "add", f"{hosts.addr[name]}/24", "dev", "eth0")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -139,4 +165,4 @@ def network(names=("node1", "node2")):
     try:
         yield create(names)
     finally:
-        remove_all()
+        remove(own_prefix())

@@ -149,7 +149,11 @@ class SlurmCluster:
             state.update(self.job(job_id))
             return state.get("JobState") in FINISHED
 
-        _wait(finished, timeout, f"job {job_id} to finish (last: {state})", self.log_files())
+        try:
+            _wait(finished, timeout, f"job {job_id} to finish")
+        except RuntimeError as e:  # say where it got stuck: RUNNING, PENDING (and why), ...
+            last = f"last seen: {state.get('JobState')}, reason {state.get('Reason')}"
+            raise RuntimeError(f"{e}; {last}{self.daemon_logs()}") from None
         return state["JobState"]
 
     def log_files(self):

@@ -1,8 +1,10 @@
 """The slurm/ scripts on a real Slurm cluster (tests/slurm_cluster.py): multinode.sh on one node,
 and multinode.sh, gpt.sh and llama.sh on two nodes that are separate hosts (network namespaces,
-own hostnames and addresses). Each job must reach COMPLETED, and its per-job log must show every
-rank of the world and the training to its end. A head node whose name resolves to loopback on
-itself must make the job fail at once with the script's error."""
+own hostnames and addresses). Each job must reach COMPLETED, and its per-job log must show a
+torchrun on every node, every rank of the world (multinode.sh) and the training to its end.
+Jobs that must fail, and fast: a head node whose name resolves to loopback on itself (the
+script's error, at once), and a node that fails for good (the job ends FAILED, not after
+torchrun's 10-minute join_timeout)."""
 
 import os
 import re
@@ -16,10 +18,11 @@ from slurm_cluster import SlurmCluster, skip_reason
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-TRAIN = ["4", "2", "--batch_size", "64"]
+TRAIN = ["4", "2", "--batch_size", "64", "--snapshot_path", "snapshot.pt"]
 # a few steps of the tiny GPT / Llama: enough to evaluate, save and finish
 TINY_LM = ["--max_steps", "6", "--eval_every", "3", "--eval_batches", "1", "--save_every", "3"]
 TINY_LM += ["--sample_every", "0", "--batch_size", "4"]
+JOB_NAME = {"multinode.sh": "ddp-multinode", "gpt.sh": "ddp-gpt", "llama.sh": "ddp-llama"}
 
 
 @pytest.fixture(autouse=True)
@@ -51,11 +54,16 @@ def run_job(cluster, folder, sbatch_args, script="multinode.sh", args=TRAIN, npr
     env = job_env(cluster, NPROC_PER_NODE=nproc)
     job = cluster.sbatch([*sbatch_args, ROOT / "slurm" / script, *args], folder, env)
     state = cluster.wait(job, timeout=240)
-    name = {"multinode.sh": "ddp-multinode", "gpt.sh": "ddp-gpt", "llama.sh": "ddp-llama"}[script]
-    log = folder / f"{name}-{job}.log"  # --output=%x-%j.log in the script
+    log = folder / f"{JOB_NAME[script]}-{job}.log"  # --output=%x-%j.log in the script
     text = log.read_text() if log.exists() else "(no job log)"
     assert state == "COMPLETED", f"job {job}: {state}\n{text}{cluster.daemon_logs()}"
     return text
+
+
+def torchrun_hosts(log):
+    """The hosts the scripts' launcher line says a torchrun started on, one entry per torchrun."""
+    # the same interleaving as below: another node's line may follow without a newline
+    return sorted(re.findall(r"torchrun on ([\w.-]+?)(?=torchrun on |\s)", log))
 
 
 def rank_lines(log):
@@ -69,6 +77,7 @@ def test_one_node(tmp_path):
     with SlurmCluster.single() as cluster:
         log = run_job(cluster, folder, ["--nodes=1"])  # overrides the script's --nodes=2
     node = cluster.nodes[0][0]
+    assert torchrun_hosts(log) == [node], log
     assert rank_lines(log) == [("0", "2", "0", node), ("1", "2", "1", node)], log
     assert "rendezvous at 127.0.0.1:29500" in log  # one node: loopback is fine
     assert "[cpu x 2] epoch 3" in log and "snapshot saved at snapshot.pt" in log
@@ -89,6 +98,7 @@ def two_nodes():
 def test_two_nodes_in_namespaces(tmp_path, two_nodes):
     folder = submit_from(tmp_path)
     log = run_job(two_nodes, folder, [])  # the script's own default: 2 nodes
+    assert torchrun_hosts(log) == ["node1", "node2"], log
     # 4 ranks in one world, 2 per node; local ranks 0 and 1 on each node
     ranks = rank_lines(log)
     assert [r for r, *_ in ranks] == ["0", "1", "2", "3"], log
@@ -111,6 +121,8 @@ def test_gpt_script_on_two_nodes(tmp_path, two_nodes):
     (tmp_path / "05_gpt_ddp").symlink_to(ROOT / "05_gpt_ddp")  # as in the repository root
     args = ["--preset", "tiny", "--data_dir", "data", "--out_dir", "out", *TINY_LM]
     log = run_job(two_nodes, tmp_path, [], "gpt.sh", args, nproc=1)
+    # a world of 2 ranks, made of one torchrun (one rank) on each of the two hosts
+    assert torchrun_hosts(log) == ["node1", "node2"], log
     assert "2 rank(s) on cpu" in log and "done: out/ckpt.pt" in log, log
     assert (tmp_path / "out" / "ckpt.pt").exists()
 
@@ -122,6 +134,7 @@ def test_llama_script_on_two_nodes(tmp_path, two_nodes):
     (tmp_path / "06_llama_ddp").symlink_to(ROOT / "06_llama_ddp")
     args = ["--preset", "tiny", "--train_file", "train.pkl", "--valid_file", "val.pkl"]
     log = run_job(two_nodes, tmp_path, [], "llama.sh", [*args, "--out_dir", "out", *TINY_LM], 1)
+    assert torchrun_hosts(log) == ["node1", "node2"], log
     assert "2 rank(s) on cpu" in log and "done: out/ckpt.pt" in log, log
     assert (tmp_path / "out" / "ckpt.pt").exists()
 
@@ -151,3 +164,31 @@ def test_a_head_node_that_resolves_itself_to_loopback_is_refused(tmp_path, two_n
         "head_addr to its cluster address (see README, 'Multiple machines')"
     ) in log
     assert "rank 0 of" not in log  # no training process was started
+
+
+@pytest.mark.multihost
+@pytest.mark.parametrize("script", ["multinode.sh", "gpt.sh", "llama.sh"])
+def test_a_node_that_fails_for_good_ends_the_job(tmp_path, two_nodes, script):
+    # node2's torchrun cannot start (think: a node without the Python environment); node1's
+    # torchrun is already waiting at the rendezvous for it. Only `srun --kill-on-bad-exit=1`
+    # ends the job then; without it node1 would wait for torchrun's join_timeout (600 s).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real = Path(PYTHON).parent / "torchrun"
+    (bin_dir / "torchrun").write_text(
+        "#!/bin/sh\n"
+        'if [ "$(hostname)" = node2 ]; then echo "torchrun: broken on node2" >&2; exit 1; fi\n'
+        f'exec "{real}" "$@"\n'
+    )
+    (bin_dir / "torchrun").chmod(0o755)
+    env = job_env(two_nodes, NPROC_PER_NODE=1)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    # default arguments: no training process starts (the rendezvous never completes), no data
+    job = two_nodes.sbatch([ROOT / "slurm" / script], tmp_path, env)
+    try:
+        state = two_nodes.wait(job, timeout=60)  # the bound: a few seconds here, 60 on a slow CI
+    finally:
+        two_nodes.client("scancel", job)  # frees the nodes for the next test if it still runs
+    log = (tmp_path / f"{JOB_NAME[script]}-{job}.log").read_text()
+    assert state == "FAILED", log
+    assert "torchrun: broken on node2" in log

@@ -24,14 +24,7 @@ import report
 import torch
 import torch.distributed as dist
 from data import DistributedDataLoader, TokenFileError, load_tokens
-from model import (
-    CHECKPOINT_FORMAT,
-    PRESETS,
-    Llama,
-    config_for,
-    flops_per_token,
-    num_params,
-)
+from model import CHECKPOINT_FORMAT, PRESETS, Llama, config_for, flops_per_token, num_params
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 HERE = Path(__file__).resolve().parent
@@ -62,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--scale_lr", action="store_true", help="multiply --lr by the world size")
     p.add_argument("--warmup_steps", type=int, default=100, help="linear LR warm-up")
     p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW, matrices only")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm; 0: none")
     p.add_argument("--eval_every", type=int, default=100, help="validate every N steps")
     p.add_argument("--eval_batches", type=int, default=20, help="validation batches per rank")
     p.add_argument("--sample_every", type=int, default=500, help="0: never print samples")
@@ -71,19 +64,15 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt if any")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--activation_checkpointing", action="store_true", help="less memory, +1/3 time")
-    p.add_argument(
-        "--peak_flops",
-        type=float,
-        help="FLOP/s of one device for MFU; unset: GPU table/CPU measured",
-    )
+    p.add_argument("--peak_flops", type=float, help="device FLOP/s for MFU (unset: table/measured)")
     p.add_argument("--seed", type=int, default=1337, help="initial weights")
     args = p.parse_args(argv)
     positive = ["batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches"]
     for name in positive + ["save_every", "log_every"]:
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
-    if args.lr <= 0 or args.warmup_steps < 0 or args.sample_every < 0 or args.seed < 0:
-        p.error("--lr must be positive; --warmup_steps, --sample_every and --seed not negative")
+    if args.lr <= 0 or min(args.warmup_steps, args.sample_every, args.seed, args.grad_clip) < 0:
+        p.error("--lr must be positive; --warmup_steps, --sample_every, --seed, --grad_clip >= 0")
     context = PRESETS[args.preset]["max_seq_len"]
     if args.seq_len is None:
         args.seq_len = context
@@ -204,10 +193,16 @@ def sample(model, device, autocast, seed, n_tokens=200):
 
 
 def save_checkpoint(path, state):
-    # write to a temporary file and rename: a crash mid-save never leaves a half-written ckpt.pt
+    # temporary file, fsync, rename, fsync the directory: neither a crash mid-save nor a lost node
+    # (power cut; network filesystems too) can leave a half-written or missing ckpt.pt behind
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)  # flushes f at the end: every byte is with the OS
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    os.fsync(directory)
+    os.close(directory)
 
 
 def load_checkpoint(path, device, cfg, preset):
@@ -223,6 +218,20 @@ def load_checkpoint(path, device, cfg, preset):
             f"use --preset {ckpt['preset']}, or another --out_dir"
         )
     return ckpt
+
+
+def check_ranks_agree(device, ckpt_path, **start):
+    """Stop in one line, not a hang, if ranks would resume from different points: ckpt.pt seen
+    by some ranks only (per-node disks, a stale network filesystem view after a restart)."""
+    low = torch.tensor(list(start.values()), device=device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        dist.destroy_process_group()
+        seen = zip(start, low.tolist(), high.tolist(), strict=True)
+        seen = "; ".join(f"{k} {a} on some ranks, {b} on others" for k, a, b in seen if a != b)
+        fail(f"ranks disagree on where to resume ({seen}): all must read the same {ckpt_path}")
 
 
 def main(argv=None):
@@ -275,16 +284,18 @@ def main(argv=None):
         del ckpt  # free its copy of the weights
     model = torch.compile(raw_model) if args.compile else raw_model
     if distributed:
-        # gradient_as_bucket_view: .grad tensors are views into DDP's communication buckets
-        # instead of a second full copy of all gradients (4.4 GB at 1.1B parameters).
-        # DDP also broadcasts rank 0's buffers (here the RoPE tables) at every forward of `model`,
-        # a collective: so every rank runs every forward of `model`, and rank-0-only work
-        # (samples) and evaluation use raw_model, which DDP does not touch.
+        position = train_loader.batches_taken
+        check_ranks_agree(device, ckpt_path, step=start_step, loader_position=position)
+        # gradient_as_bucket_view: .grad tensors are views into DDP's buckets, not a second copy of
+        # all gradients (4.4 GB at 1.1B parameters).
         model = DDP(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
             gradient_as_bucket_view=True,
         )
+        # no buffer broadcast at every step: ours never change (05 has none, 06 its RoPE tables),
+        # unlike BatchNorm's statistics. Set as an attribute: torch 2.13 deprecates the argument.
+        model.broadcast_buffers = False
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     n_params = num_params(raw_model)
@@ -342,13 +353,15 @@ def main(argv=None):
         micro_batches = [get_batch(train_loader, device) for _ in range(args.grad_accum)]
         t_data = time.perf_counter() - t0
         loss = forward_backward(model, micro_batches, autocast)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        max_norm = args.grad_clip or math.inf  # 0: infinity, never clips (but gives the norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # in place, not set_to_none: .grad stays a view into DDP's buckets; new .grad tensors in
+        # the next no_sync() micro-steps would be a second full copy of the gradients
+        optimizer.zero_grad(set_to_none=False)
         loss = loss.item()  # waits for the GPU, so the time below is real
         dt = time.perf_counter() - t0
         step += 1
-
         if master:
             log.train_step(step, loss, lr, grad_norm.item(), dt, t_data)
 

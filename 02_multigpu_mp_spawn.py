@@ -163,7 +163,7 @@ def main(rank, world_size, args, data):
             save_checkpoint(model.module, "checkpoint_02.pt")  # .module: the model inside DDP
             print(f"epoch {epoch} | checkpoint saved at checkpoint_02.pt")
     # Wait until rank 0 has written its last file before anyone tears down (with gloo this also
-    # makes a rare abort at exit rarer: see the README, step 02, point 8).
+    # makes a rare abort at exit rarer: see docs/gloo_exit_abort.md).
     dist.barrier()
     dist.destroy_process_group()
     # Workaround (PyTorch 2.13, gloo): give gloo's threads a moment to let go of their last

@@ -247,7 +247,7 @@ def main(args, data):
             save_snapshot(model, optimizer, epoch + 1, world_size, args.snapshot_path)
             print(f"epoch {epoch} | snapshot saved at {args.snapshot_path}")
     # Wait until rank 0 has written its last file before anyone tears down (with gloo this also
-    # makes a rare abort at exit rarer: see the README, step 02, point 8).
+    # makes a rare abort at exit rarer: see docs/gloo_exit_abort.md).
     dist.barrier()
     dist.destroy_process_group()
     # Workaround (PyTorch 2.13, gloo): give gloo's threads a moment to let go of their last

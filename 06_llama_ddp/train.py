@@ -370,7 +370,7 @@ def main(argv=None):
         print(f"done: {ckpt_path}, {args.out_dir / 'metrics.csv'}, {args.out_dir / 'loss.png'}")
     if distributed:
         # wait for rank 0's final checkpoint and plot before anyone tears down (with gloo this
-        # also makes a rare abort at exit rarer: see the README, step 02, point 8)
+        # also makes a rare abort at exit rarer: see docs/gloo_exit_abort.md)
         dist.barrier()
         dist.destroy_process_group()
         # workaround (PyTorch 2.13, gloo): give gloo's threads a moment to let go of their last

@@ -195,26 +195,45 @@ def flops_per_token(cfg, seq_len):
 
 
 def memory_estimate(cfg, n_params, batch_size, seq_len, dtype, activation_checkpointing):
-    """Rough GPU memory per rank in bytes for one training step, by category.
+    """GPU memory per rank in bytes at the peak of a training step (the start of backward).
 
-    Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
-    Transformer Models"): about 34 bytes per token per unit of width per layer in 16-bit with a
-    fused attention kernel (no T x T score matrix kept); twice that when everything is fp32.
+    Activations are the tensors autograd saves for backward, term by term below. The test
+    tests/test_memory_estimates.py counts them with torch.autograd.graph.saved_tensors_hooks
+    (fp32 and bf16, with and without checkpointing): this is within 1 % of them. Where CPU and
+    CUDA differ, this is CUDA: a dropout mask is 1 byte per element there (the input's dtype on
+    a CPU), and the fused attention kernels keep neither a mask nor the T x T matrix. Not counted:
+    LayerNorm statistics and attention log-sum-exps (< 1 %), the CUDA context and the
+    allocator's slack (report.py adds those before it says "fits").
     """
-    half = dtype == "bf16"
-    tokens = batch_size * seq_len
-    layer = 34 * tokens * cfg.n_embd * (1 if half else 2)
+    d, V = cfg.n_embd, cfg.vocab_size
+    a = 2 if dtype == "bf16" else 4  # bytes per element of what the matmuls read and write
+    mask = 1 if cfg.dropout > 0 else 0  # bytes per element of a dropout mask on CUDA
+    per_layer = d * (
+        4 + 4  # the inputs of ln1 and ln2: the residual stream, fp32 even under autocast
+        + a + a  # the LayerNorm outputs as qkv and up read them (autocast's bf16 casts)
+        + 3 * a  # q, k and v, kept by attention
+        + a  # the attention output, which is also proj's input (one tensor)
+        + 4 * a + 4 * a  # MLP: the input of GELU, and its output (the input of down)
+        + 2 * mask  # the two residual dropouts
+    )  # fmt: skip
+    around = d * (mask + 4 + a)  # embedding dropout; ln_f's input and the head's input
     if activation_checkpointing:
-        # each block's fp32 input is kept; one block's activations exist during its recompute
-        activations = cfg.n_layer * tokens * cfg.n_embd * 4 + layer
+        # every block keeps only its fp32 input; backward recomputes one block at a time, whose
+        # other tensors then exist on top (counted with the logits, which are gone by then:
+        # a small overestimate)
+        activations = cfg.n_layer * 4 * d + (per_layer - 4 * d) + around
     else:
-        activations = cfg.n_layer * layer
+        activations = cfg.n_layer * per_layer + around
+    matmul_weights = cfg.n_layer * 12 * d * d + V * d  # the weights autocast casts to bf16
     return {
         "parameters (fp32)": 4 * n_params,
-        "gradients (fp32)": 4 * n_params,  # gradient_as_bucket_view: no second copy in DDP buckets
+        # one copy: each .grad is a view into DDP's buckets (gradient_as_bucket_view)
+        "gradients (fp32)": 4 * n_params,
         "AdamW states (fp32 m, v)": 8 * n_params,
-        "bf16 weight copies (autocast)": 2 * n_params if half else 0,
-        "activations": activations,
-        # logits (bf16 or fp32), their fp32 upcast for the loss, and the gradient of both
-        "logits + loss": tokens * cfg.vocab_size * ((2 if half else 4) + 4 + 4),
+        # autocast casts each matmul weight once per forward and keeps it for backward
+        "bf16 weight copies (autocast)": 2 * matmul_weights if dtype == "bf16" else 0,
+        "activations": batch_size * seq_len * activations,
+        # the logits (train.py holds them through backward), the fp32 log-probabilities that
+        # cross_entropy saves, and the two fp32 gradients backward begins with
+        "logits + loss": batch_size * seq_len * V * (a + 4 + 4 + 4),
     }

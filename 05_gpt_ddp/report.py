@@ -4,6 +4,7 @@ None of it is needed to train with DDP; it lives here so that train.py reads as 
 """
 
 import csv
+import functools
 import resource
 import sys
 import time
@@ -15,17 +16,32 @@ import matplotlib.pyplot as plt
 import torch
 from model import memory_estimate
 
-# Dense bf16 tensor-core peak FLOP/s from the vendors' datasheets, matched against the CUDA
-# device name in this order (first match wins, so "H100 PCIe" before "H100", "L40S" before "L4").
-GPU_PEAK_FLOPS = [
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-]
+# Dense (no sparsity) bf16 tensor-core FLOP/s of one GPU from NVIDIA's datasheets, keyed by the
+# exact name torch.cuda.get_device_name() returns. Exact, because names contain each other:
+# "NVIDIA L4" is in "NVIDIA L40S", and an H100 NVL is not an H100 SXM. Any other GPU: --peak_flops.
+GPU_PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,  # the 94 GB card: 1,671 with sparsity
+    "NVIDIA H200": 989e12,  # H200 SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA GH200 480GB": 989e12,  # Grace Hopper: the same Hopper GPU as the H100 SXM
+    "NVIDIA B200": 2250e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA L40": 181e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA A10": 125e12,
+}
+# What the memory estimate leaves out on a GPU, added before saying "fits": the CUDA context
+# (kernels, cuBLAS and NCCL state), which lives outside PyTorch's allocator and takes 0.5-1 GB, so
+# 1 GB; and the caching allocator's slack, memory it holds in blocks too fragmented to reuse, for
+# which 10 % of the estimate is a safe margin in steady training.
+CUDA_CONTEXT_BYTES = 1e9
+ALLOCATOR_SLACK = 0.10
 METRICS = [
     "step",
     "tokens",
@@ -41,35 +57,68 @@ METRICS = [
 ]
 
 
-def measure_cpu_peak_flops(dtype="fp32", n=1024, repeats=10):
-    """FLOP/s of an n x n matmul with this process's threads, best of several (other busy
-    processes slow some repeats down). For bf16 training both fp32 and bf16 are timed and the
-    faster counts: the peak is what the CPU can do, so a slow bf16 path shows up as a low MFU."""
-    best = 0.0
-    for name in ["fp32", "bf16"] if dtype == "bf16" else ["fp32"]:
-        a = torch.randn(n, n, dtype=torch.bfloat16 if name == "bf16" else torch.float32)
-        b = torch.randn_like(a)
-        a @ b  # warm-up
-        start = time.perf_counter()
-        for _ in range(repeats):
+def matmul_flops(dtypes, n, seconds):
+    """{dtype: FLOP/s} of an n x n matmul with this process's threads: the best try of each
+    within `seconds` (at least one). The dtypes take turns, so that both see the same load from
+    other processes, which slows some tries down."""
+    mats = {
+        d: torch.randn(n, n, dtype=torch.bfloat16 if d == "bf16" else torch.float32) for d in dtypes
+    }
+    for m in mats.values():
+        m @ m  # warm-up
+    best, start = dict.fromkeys(dtypes, 0.0), time.perf_counter()
+    while True:
+        for d, m in mats.items():
             t = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n**3 / (time.perf_counter() - t))
-            if time.perf_counter() - start > 1:  # enough on a CPU where this path is slow
-                break
-    return best
+            m @ m
+            best[d] = max(best[d], 2 * n**3 / (time.perf_counter() - t))
+        if time.perf_counter() - start > seconds:
+            return best
+
+
+@functools.cache  # once per process: the MFU peak and the bf16 hint share it
+def measure_cpu_matmul_flops(n=1024):
+    """{"fp32": FLOP/s, "bf16": FLOP/s} of this CPU, in about half a second. Without bf16
+    instructions a bf16 matmul is ~20x slower than fp32 (a full-size one takes seconds), so both
+    are first tried on small matrices, and bf16 is measured at full size only if it keeps up."""
+    small = matmul_flops(["fp32", "bf16"], 256, seconds=0.02)
+    if small["bf16"] < small["fp32"] / 2:
+        return {"fp32": matmul_flops(["fp32"], n, seconds=0.4)["fp32"], "bf16": small["bf16"]}
+    return matmul_flops(["fp32", "bf16"], n, seconds=0.5)
+
+
+def measure_cpu_peak_flops(dtype="fp32", n=1024):
+    """The CPU's peak for MFU: its fp32 matmul, or for bf16 training the faster of the two paths
+    (autocast runs part of the work in fp32), so that a slow bf16 path shows up as a low MFU."""
+    speeds = measure_cpu_matmul_flops(n)
+    return max(speeds.values()) if dtype == "bf16" else speeds["fp32"]
 
 
 def peak_flops_per_device(args, device):
+    """(FLOP/s of one device for MFU, or None; where the figure comes from)."""
     if args.peak_flops:
         return args.peak_flops, "--peak_flops"
     if device.type == "cpu":
         return measure_cpu_peak_flops(args.dtype), "measured matmul"
     name = torch.cuda.get_device_name(device)
-    for key, flops in GPU_PEAK_FLOPS:
-        if key in name:
-            return flops, f"{name} bf16 datasheet"
-    return None, f"unknown GPU {name!r}: pass --peak_flops"
+    if name in GPU_PEAK_FLOPS:
+        return GPU_PEAK_FLOPS[name], f"{name}, dense bf16 from the datasheet"
+    return None, f"{name!r} is not in report.py's table: pass --peak_flops, its dense bf16 FLOP/s"
+
+
+def bf16_hint(args, device):
+    """A line for CPU runs in fp32 (the default) where bf16 matmuls are at least twice as fast.
+    fp32 stays the default so that a learner's numbers match the README's on every CPU."""
+    if device.type != "cpu" or args.dtype != "fp32":
+        return None
+    speeds = measure_cpu_matmul_flops()
+    ratio = speeds["bf16"] / speeds["fp32"]
+    if ratio < 2:
+        return None
+    return (
+        f"note: bf16 matmuls are {ratio:.1f}x faster than fp32 on this CPU: try --dtype bf16 (a "
+        "step gains less, as norms and the loss stay fp32, and only if matmuls dominate it)"
+    )
 
 
 def peak_memory_gb(device):
@@ -89,8 +138,17 @@ def print_memory_estimate(cfg, n_params, args, seq_len, device):
     lines.append(f"  {'total (estimate)':32s} {total / 1e9:8.3f} GB per rank")
     if device.type == "cuda":
         have = torch.cuda.get_device_properties(device).total_memory
-        verdict = "fits" if total < 0.9 * have else "does NOT fit: try --activation_checkpointing"
-        lines.append(f"  this GPU has {have / 1e9:.1f} GB: {verdict}")
+        need = total * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES
+        verdict = (
+            "fits"
+            if need <= have
+            else "does NOT fit: try --activation_checkpointing or a smaller --batch_size"
+        )
+        lines.append(
+            f"  with {CUDA_CONTEXT_BYTES / 1e9:.0f} GB of CUDA context and "
+            f"{100 * ALLOCATOR_SLACK:.0f}% allocator slack: {need / 1e9:.1f} GB of this GPU's "
+            f"{have / 1e9:.1f} GB: {verdict}"
+        )
     print("memory estimate:\n" + "\n".join(lines))
 
 
@@ -136,6 +194,9 @@ class TrainingLog:
         peak, source = peak_flops_per_device(args, device)
         peak_text = f"{peak / 1e12:.3f} TFLOP/s" if peak else "unknown"
         print(f"peak per device for MFU: {peak_text} ({source})")
+        hint = bf16_hint(args, device)
+        if hint:
+            print(hint)
         # MFU: the FLOP/s of all ranks together against what all their devices could do
         self.peak_all_ranks = peak * world_size if peak else None
         self.path = args.out_dir / "metrics.csv"

@@ -72,6 +72,37 @@ def test_gqa_equals_multi_head_attention_with_shared_key_value_heads():
     assert gqa.wk.weight.numel() == mha.wk.weight.numel() // 2
 
 
+def test_enable_gqa_equals_repeating_the_key_value_heads():
+    """model.py lets the attention kernel share KV heads (enable_gqa=True) instead of repeating
+    them: same outputs and same gradients as the repeat_interleave version it replaced."""
+    torch.manual_seed(0)
+    cfg = small_config(n_heads=4, n_kv_heads=2)
+    attn = M.Attention(cfg)
+    cos, sin = M.rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+    x = torch.randn(2, 12, cfg.dim)
+
+    def repeated(x):
+        B, T, _ = x.shape
+        q = attn.wq(x).view(B, T, 4, -1).transpose(1, 2)
+        k = attn.wk(x).view(B, T, 2, -1).transpose(1, 2)
+        v = attn.wv(x).view(B, T, 2, -1).transpose(1, 2)
+        q, k = M.apply_rope(q, cos, sin), M.apply_rope(k, cos, sin)
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return attn.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+    outputs, grads = [], []
+    for forward in (attn, repeated):
+        attn.zero_grad()
+        out = forward(x, cos, sin) if forward is attn else forward(x)
+        out.square().sum().backward()
+        outputs.append(out)
+        grads.append([p.grad.clone() for p in attn.parameters()])
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_changing_a_token_never_changes_earlier_logits():
     torch.manual_seed(0)
     model = M.Llama(small_config()).eval()

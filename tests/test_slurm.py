@@ -191,4 +191,8 @@ def test_a_node_that_fails_for_good_ends_the_job(tmp_path, two_nodes, script):
         two_nodes.client("scancel", job)  # frees the nodes for the next test if it still runs
     log = (tmp_path / f"{JOB_NAME[script]}-{job}.log").read_text()
     assert state == "FAILED", log
-    assert "torchrun: broken on node2" in log
+    # node2's task started and failed; its own stderr line can be lost when srun kills the step
+    # (seen once under load), so the failure is recognised by either of srun's two traces
+    assert "torchrun on node2" in log, log
+    traces = ["torchrun: broken on node2", "node2: task 1: Exited with exit code 1"]
+    assert any(trace in log for trace in traces), log

@@ -204,16 +204,16 @@ def sample(model, meta, device, autocast, seed, n_tokens=200):
 
 
 def save_checkpoint(path, state):
-    # temporary file, fsync, rename, fsync the directory: neither a crash mid-save nor a lost node
-    # (power cut; network filesystems too) can leave a half-written or missing ckpt.pt behind
+    # temp file, fsync, rename, fsync the folder: no half-written or lost ckpt.pt after a power cut
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)  # flushes f at the end: every byte is with the OS
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    os.fsync(directory)
-    os.close(directory)
+    if os.name == "posix":  # Windows cannot open a folder to fsync it (as in steps 01-04)
+        directory = os.open(path.parent, os.O_RDONLY)
+        os.fsync(directory)
+        os.close(directory)
 
 
 def load_checkpoint(path, device, cfg, preset):

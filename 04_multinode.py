@@ -206,7 +206,10 @@ def main(args, data):
     world_size = int(os.environ["WORLD_SIZE"])
     device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else "cpu")
     setup(device)
-    print(f"rank {rank} of {world_size} (local rank {local_rank}) on {socket.gethostname()}")
+    # Every rank prints this at once. torchrun runs Python unbuffered (-u), where print() writes
+    # the text and its newline separately: one write keeps the ranks' lines apart.
+    host = socket.gethostname()
+    sys.stdout.write(f"rank {rank} of {world_size} (local rank {local_rank}) on {host}\n")
     # Shared disk: one writer for the whole job. Own disks: one writer per machine.
     is_writer = rank == 0 or (args.snapshot_per_node and local_rank == 0)
     train_set, val_set = data

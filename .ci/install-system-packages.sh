@@ -3,10 +3,11 @@
 #   slurmctld slurmd slurm-client munge  a real Slurm cluster of 1-2 nodes (tests/slurm_cluster.py)
 #   iproute2                             `ip netns` / veth pairs: two "hosts" on one machine
 #   util-linux                           unshare / nsenter: a hostname and /etc/hosts per host
+#   strace                               which write() calls a rank's line takes (test_04_multinode.py)
 # Needs root (CI runs as root). Daemons are not started here: the tests start and stop them.
 set -euo pipefail
 
-packages=(slurmctld slurmd slurm-client munge iproute2 util-linux)
+packages=(slurmctld slurmd slurm-client munge iproute2 util-linux strace)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 
 import netns_hosts
@@ -111,6 +112,21 @@ def test_without_torchrun_it_says_how_to_start():
         "--nnodes=2 --nproc_per_node=2 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 "
         "04_multinode.py"
     )
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (.ci installs it)")
+def test_every_rank_writes_its_rank_line_in_one_piece(tmp_path):
+    """All ranks print this line at the same moment, and torchrun runs them with `python -u`,
+    where print() writes the text and its newline separately: two pieces per line, which can mix
+    with another rank's on the reader's terminal (it did, in the README test). strace shows the
+    write() system calls themselves: one per line, each ending in its newline."""
+    trace = tmp_path / "writes.txt"
+    strace = ["strace", "--seccomp-bpf", "-f", "-qq", "-s", "300", "-e", "trace=write", "-o", trace]
+    cmd = strace + torchrun("--standalone", "--nproc_per_node=2", script("04_multinode.py"), 1, 1)
+    run(cmd, cwd=tmp_path, env=worker_env(), timeout=120, check=True)
+    pieces = re.findall(r'write\(1, "([^"]*local rank[^"]*)"', trace.read_text())
+    host = socket.gethostname()
+    assert sorted(pieces) == [f"rank {r} of 2 (local rank {r}) on {host}\\n" for r in (0, 1)]
 
 
 @pytest.mark.slow

@@ -186,8 +186,9 @@ def run_block(command, work):
     """Run one block as a reader does: bash in a terminal, in the repository, venv active.
 
     A real terminal (a pseudo-terminal made by util-linux's `script`), because that is what the
-    README describes: Python writes one whole line at a time to a terminal, so the lines of
-    several processes never mix mid-line, and they appear in the order they were printed.
+    README describes: the output of several processes appears in the order it was printed. Lines
+    that several ranks print at once must each be one write (torchrun's workers run `python -u`,
+    whose print() writes the newline separately), or they can mix as they would for a reader.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "PYTEST"))}
     venv = work / ".venv" / "bin"

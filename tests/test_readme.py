@@ -57,6 +57,7 @@ class Block:
     lang: str
     body: str
     marker: str = ""
+    chapter: str = ""  # the `## ` heading the block stands under
     outputs: list = field(default_factory=list)  # expected ```text blocks after a command
 
     def title(self):
@@ -75,7 +76,9 @@ def parse(text):
     for m in fence.finditer(text):
         body = "\n".join(line[len(m["indent"]) :] for line in m["body"].splitlines())
         line = text.count("\n", 0, m.start("indent")) + 1
-        blocks.append(Block(line, m["lang"], body, (m["marker"] or "").strip()))
+        headings = re.findall(r"^## (.+)$", text[: m.start()], re.M)
+        chapter = headings[-1] if headings else ""
+        blocks.append(Block(line, m["lang"], body, (m["marker"] or "").strip(), chapter))
     commands = []
     for b in blocks:
         if b.lang == "bash":
@@ -227,7 +230,12 @@ def test_readme_markers_are_well_formed():
 @pytest.mark.slow
 def test_readme_commands_run_verbatim_and_print_what_it_shows(tmp_path):
     work = scratch_copy(tmp_path)
+    # while writing a chapter: README_CHAPTERS="Step 05,Step 08" runs only the chapters whose
+    # headings start so (each chapter cleans up after itself, so chapters run alone)
+    only = [c.strip() for c in os.environ.get("README_CHAPTERS", "").split(",") if c.strip()]
     for block in parse(README):
+        if only and not block.chapter.startswith(tuple(only)):
+            continue
         if block.marker.startswith("skip"):
             SKIPPED.append((block.title(), block.marker[5:]))
             continue
@@ -276,7 +284,7 @@ def test_every_link_and_picture_in_the_readme_exists():
 
 
 def test_readme_is_short_and_has_a_table_of_contents():
-    assert len(README.splitlines()) <= 600
+    assert len(README.splitlines()) <= 750
     anchors = re.findall(r"\]\(#([\w-]+)\)", README)
     headings = {_anchor(h) for h in re.findall(r"^## (.+)$", README, re.M)}
     assert len(anchors) >= 8 and set(anchors) <= headings, set(anchors) - headings

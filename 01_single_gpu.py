@@ -12,7 +12,15 @@ import sys
 import torch
 from torch.utils.data import DataLoader
 
-from datautils import DataError, load_datasets, make_model, positive_int
+from datautils import (
+    DataError,
+    accuracy_field,
+    count_correct,
+    load_datasets,
+    make_model,
+    positive_int,
+    task_line,
+)
 
 PROG = os.path.basename(__file__)
 
@@ -66,14 +74,16 @@ def train_epoch(model, loader, loss_fn, optimizer, device):
 
 @torch.no_grad()
 def evaluate(model, loader, loss_fn, device):
-    """Validation loss as (sum of losses, number of samples)."""
+    """Validation as (sum of losses, right predictions, number of samples)."""
     model.eval()
-    total, count = 0.0, 0
+    total, correct, count = 0.0, 0, 0
     for source, target in loader:
         source, target = source.to(device), target.to(device)
-        total += loss_fn(model(source), target).item() * len(source)
+        output = model(source)
+        total += loss_fn(output, target).item() * len(source)
+        correct += count_correct(output, target)
         count += len(source)
-    return total, count
+    return total, correct, count
 
 
 def save_checkpoint(model, path):
@@ -94,19 +104,22 @@ def save_checkpoint(model, path):
 def main(args, data):
     device = torch.device(args.device)
     train_set, val_set = data
-    model, loss_fn = make_model(train_set, val_set, args.seed)
+    model, loss_fn = make_model(train_set, args.seed)
+    print(task_line(train_set))
     model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     train_loader, val_loader = make_loaders(train_set, val_set, args.batch_size)
 
     for epoch in range(args.total_epochs):
         train_total, train_count = train_epoch(model, train_loader, loss_fn, optimizer, device)
-        val_total, val_count = evaluate(model, val_loader, loss_fn, device)
+        val_total, val_correct, val_count = evaluate(model, val_loader, loss_fn, device)
         train_loss = train_total / train_count
         val_loss = val_total / val_count
+        val_accuracy = val_correct / val_count
         print(
             f"[{device}] epoch {epoch} | {len(train_loader)} batches of "
             f"{args.batch_size} | train loss {train_loss:.4f} | val loss {val_loss:.4f}"
+            + accuracy_field(val_accuracy, train_set)
         )
         if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.total_epochs:
             save_checkpoint(model, "checkpoint_01.pt")

@@ -19,7 +19,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from datautils import DataError, load_datasets, make_model, positive_int
+from datautils import (
+    DataError,
+    accuracy_field,
+    count_correct,
+    load_datasets,
+    make_model,
+    positive_int,
+    task_line,
+    threads_per_process,
+)
 
 PROG = os.path.basename(__file__)
 
@@ -69,7 +78,12 @@ def setup(rank, world_size, device):
         torch.cuda.set_device(device)
     # NCCL talks GPU to GPU; gloo runs on CPUs (and on Windows, which has no NCCL).
     backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    if sys.platform == "win32":  # PyTorch's Windows builds have no libuv for the TCP store
+        os.environ.setdefault("USE_LIBUV", "0")
+    # device_id binds the group to this GPU: NCCL connects now, not at the first collective,
+    # and barrier() knows which GPU to use. gloo takes none.
+    device_id = device if backend == "nccl" else None
+    dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device_id)
 
 
 def make_loaders(train_set, val_set, batch_size, rank, world_size, seed):
@@ -102,14 +116,16 @@ def train_epoch(model, loader, loss_fn, optimizer, device):
 
 @torch.no_grad()
 def evaluate(model, loader, loss_fn, device):
-    """Validation loss on this process's share, as (sum of losses, number of samples)."""
+    """Validation on this process's share: (sum of losses, right predictions, samples)."""
     model.eval()
-    total, count = 0.0, 0
+    total, correct, count = 0.0, 0, 0
     for source, target in loader:
         source, target = source.to(device), target.to(device)
-        total += loss_fn(model(source), target).item() * len(source)
+        output = model(source)
+        total += loss_fn(output, target).item() * len(source)
+        correct += count_correct(output, target)
         count += len(source)
-    return total, count
+    return total, correct, count
 
 
 def global_mean(total, count, device):
@@ -141,7 +157,9 @@ def main(rank, world_size, args, data):
     train_set, val_set = data
     # Built here, in each process: a model handed over by mp.spawn would share its CPU memory
     # between the processes. The same seed gives every process the same initial weights.
-    model, loss_fn = make_model(train_set, val_set, args.seed)
+    model, loss_fn = make_model(train_set, args.seed)
+    if rank == 0:
+        print(task_line(train_set))
     model = DDP(model.to(device), device_ids=[rank] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     train_loader, val_loader = make_loaders(
@@ -151,13 +169,15 @@ def main(rank, world_size, args, data):
     for epoch in range(args.total_epochs):
         train_loader.sampler.set_epoch(epoch)  # without this, every epoch has the same order
         train_total, train_count = train_epoch(model, train_loader, loss_fn, optimizer, device)
-        val_total, val_count = evaluate(model, val_loader, loss_fn, device)
+        val_total, val_correct, val_count = evaluate(model, val_loader, loss_fn, device)
         train_loss = global_mean(train_total, train_count, device)
         val_loss = global_mean(val_total, val_count, device)  # every rank must take part
+        val_accuracy = global_mean(val_correct, val_count, device)
         if rank == 0:
             print(
                 f"[{device} x {world_size}] epoch {epoch} | {len(train_loader)} batches of "
                 f"{args.batch_size} | train loss {train_loss:.4f} | val loss {val_loss:.4f}"
+                + accuracy_field(val_accuracy, train_set)
             )
         if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.total_epochs):
             save_checkpoint(model.module, "checkpoint_02.pt")  # .module: the model inside DDP
@@ -187,4 +207,7 @@ if __name__ == "__main__":
     # Rank 0's address and port: every process connects there. Values already set are kept.
     os.environ.setdefault("MASTER_ADDR", "localhost")
     os.environ.setdefault("MASTER_PORT", pick_port())
+    # The processes share this machine's cores: without a limit each would start a thread per
+    # core, and they would slow each other down (torchrun sets 1 for the same reason).
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(args.world_size)))
     mp.spawn(main, args=(args.world_size, args, data), nprocs=args.world_size)

@@ -19,7 +19,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from datautils import DataError, load_datasets, make_model, positive_int
+from datautils import (
+    DataError,
+    accuracy_field,
+    count_correct,
+    fingerprint,
+    load_datasets,
+    make_model,
+    positive_int,
+    task_line,
+)
 
 PROG = os.path.basename(__file__)
 
@@ -76,8 +85,13 @@ def setup(device):
         torch.cuda.set_device(device)
     # NCCL talks GPU to GPU; gloo runs on CPUs (and on Windows, which has no NCCL).
     backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+    if sys.platform == "win32":  # PyTorch's Windows builds have no libuv for the TCP store
+        os.environ.setdefault("USE_LIBUV", "0")
+    # device_id binds the group to this GPU: NCCL connects now, not at the first collective,
+    # and barrier() knows which GPU to use. gloo takes none.
+    device_id = device if backend == "nccl" else None
     # Rank, world size and rank 0's address come from the variables torchrun sets.
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, device_id=device_id)
 
 
 def make_loaders(train_set, val_set, batch_size, rank, world_size, seed):
@@ -110,14 +124,16 @@ def train_epoch(model, loader, loss_fn, optimizer, device):
 
 @torch.no_grad()
 def evaluate(model, loader, loss_fn, device):
-    """Validation loss on this process's share, as (sum of losses, number of samples)."""
+    """Validation on this process's share: (sum of losses, right predictions, samples)."""
     model.eval()
-    total, count = 0.0, 0
+    total, correct, count = 0.0, 0, 0
     for source, target in loader:
         source, target = source.to(device), target.to(device)
-        total += loss_fn(model(source), target).item() * len(source)
+        output = model(source)
+        total += loss_fn(output, target).item() * len(source)
+        correct += count_correct(output, target)
         count += len(source)
-    return total, count
+    return total, correct, count
 
 
 def global_mean(total, count, device):
@@ -128,7 +144,7 @@ def global_mean(total, count, device):
     return (both[0] / both[1]).item()
 
 
-def save_snapshot(model, optimizer, epochs_run, world_size, path):
+def save_snapshot(model, optimizer, epochs_run, world_size, data_id, path):
     """Everything needed to continue exactly: weights, optimizer state (momentum), epochs done."""
     snapshot = {
         "model": model.module.state_dict(),  # .module: the model inside DDP
@@ -137,6 +153,7 @@ def save_snapshot(model, optimizer, epochs_run, world_size, path):
         # Who wrote it, so that a snapshot of another step or world size never resumes unnoticed.
         "written_by": PROG,
         "world_size": world_size,
+        "data": data_id,  # fingerprint(): a snapshot of other data never resumes unnoticed
     }
     # Write a temp file, then rename it: a crash mid-write never leaves a half-written snapshot.
     # fsync the file before the rename and its folder after: otherwise a lost node or a power cut
@@ -152,25 +169,37 @@ def save_snapshot(model, optimizer, epochs_run, world_size, path):
         os.close(folder)
 
 
-def load_snapshot(path, model, optimizer, device):
+def fail(message):
+    """Stop with one line. The process group goes first: NCCL warns about one left at exit."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(f"{PROG}: error: {message}")
+
+
+def load_snapshot(path, model, optimizer, device, data_id):
     """Restore model and optimizer from a snapshot; returns the epochs it had done and the world
     size that wrote it."""
     try:
         # weights_only=True: only tensors and plain containers, never code, are unpickled.
         snapshot = torch.load(path, map_location=device, weights_only=True)
         if snapshot["written_by"] != PROG:  # another step's snapshot: another experiment
-            sys.exit(
-                f"{PROG}: error: {path} is a snapshot of {snapshot['written_by']}, not of this "
-                "step; move it away or pass another --snapshot_path"
+            fail(
+                f"{path} is a snapshot of {snapshot['written_by']}, not of this step; move it "
+                "away or pass another --snapshot_path"
+            )
+        if snapshot["data"] != data_id:  # same shapes, other numbers: another experiment
+            fail(
+                f"{path} was trained on other data (fingerprint {snapshot['data']}, this data "
+                f"{data_id}); move it away or pass another --snapshot_path"
             )
         model.load_state_dict(snapshot["model"])
         optimizer.load_state_dict(snapshot["optimizer"])
         return int(snapshot["epochs_run"]), int(snapshot["world_size"])
     except (RuntimeError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as e:
         # A truncated file, another program's file, or a snapshot of a different model.
-        sys.exit(
-            f"{PROG}: error: {path} is not a readable snapshot of this model "
-            f"({type(e).__name__}); move it away or pass another --snapshot_path"
+        fail(
+            f"{path} is not a readable snapshot of this model ({type(e).__name__}); move it "
+            "away or pass another --snapshot_path"
         )
 
 
@@ -181,12 +210,17 @@ def main(args, data):
     device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
     setup(device)
     train_set, val_set = data
-    model, loss_fn = make_model(train_set, val_set, args.seed)
+    model, loss_fn = make_model(train_set, args.seed)
+    data_id = fingerprint(train_set, val_set)
+    if rank == 0:
+        print(task_line(train_set))
     model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     epochs_run = 0
     if os.path.exists(args.snapshot_path):  # a restart after a failure, or a resubmitted job
-        epochs_run, saved_world_size = load_snapshot(args.snapshot_path, model, optimizer, device)
+        epochs_run, saved_world_size = load_snapshot(
+            args.snapshot_path, model, optimizer, device, data_id
+        )
         if rank == 0:
             print(f"Resuming training from snapshot {args.snapshot_path} at epoch {epochs_run}")
         # Allowed (another --nproc_per_node, an elastic job that lost a machine), but said: the
@@ -205,16 +239,18 @@ def main(args, data):
     for epoch in range(epochs_run, args.total_epochs):
         train_loader.sampler.set_epoch(epoch)  # without this, every epoch has the same order
         train_total, train_count = train_epoch(model, train_loader, loss_fn, optimizer, device)
-        val_total, val_count = evaluate(model, val_loader, loss_fn, device)
+        val_total, val_correct, val_count = evaluate(model, val_loader, loss_fn, device)
         train_loss = global_mean(train_total, train_count, device)
         val_loss = global_mean(val_total, val_count, device)  # every rank must take part
+        val_accuracy = global_mean(val_correct, val_count, device)
         if rank == 0:
             print(
                 f"[{device} x {world_size}] epoch {epoch} | {len(train_loader)} batches of "
                 f"{args.batch_size} | train loss {train_loss:.4f} | val loss {val_loss:.4f}"
+                + accuracy_field(val_accuracy, train_set)
             )
         if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.total_epochs):
-            save_snapshot(model, optimizer, epoch + 1, world_size, args.snapshot_path)
+            save_snapshot(model, optimizer, epoch + 1, world_size, data_id, args.snapshot_path)
             print(f"epoch {epoch} | snapshot saved at {args.snapshot_path}")
     # Wait until rank 0 has written its last file before anyone tears down (with gloo this also
     # makes a rare abort at exit rarer: see docs/gloo_exit_abort.md).

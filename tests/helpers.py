@@ -4,6 +4,7 @@ Every multi-process test oversubscribes the 2 cores of CI, so workers get OMP_NU
 Nothing here sleeps to synchronise: `wait_for` polls a condition until a deadline.
 """
 
+import importlib
 import importlib.util
 import os
 import signal
@@ -158,3 +159,23 @@ def load_script(relpath, name=None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def import_step(folder, *names):
+    """Modules of one step folder (e.g. "05_gpt_ddp", "train", "report"), imported as the folder's
+    own scripts import each other: train.py does `import report`, `from model import ...`. Other
+    steps have files of the same names, so whatever sys.modules held under the folder's plain
+    module names is put back afterwards. Returns the modules in the order asked."""
+    path = ROOT / folder
+    plain = [p.stem for p in path.glob("*.py")]
+    saved = {name: sys.modules.pop(name, None) for name in plain}
+    sys.path.insert(0, str(path))
+    try:
+        modules = [importlib.import_module(name) for name in names]
+    finally:
+        sys.path.remove(str(path))
+        for name, module in saved.items():
+            sys.modules.pop(name, None)
+            if module is not None:
+                sys.modules[name] = module
+    return modules[0] if len(modules) == 1 else modules

@@ -18,6 +18,7 @@ import pytest
 import torch
 from helpers import (
     PYTHON,
+    ROOT,
     free_port,
     run,
     script,
@@ -101,6 +102,25 @@ def reference_snapshot(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(reference_snapshot):
     return weights(reference_snapshot)
+
+
+def readme_bash_blocks():
+    readme = (ROOT / "README.md").read_text()
+    return re.findall(r"^```bash\n(.*?)\n```$", readme, re.M | re.S)
+
+
+def test_readme_agents_sharing_a_machine_pick_a_free_port_and_share_the_cores():
+    """Two agents of --nproc_per_node=1 on one machine: torchrun sets OMP_NUM_THREADS only when
+    it starts several processes, so the command must; and a fixed port would let two runs at once
+    join each other's rendezvous."""
+    local = [b for b in readme_bash_blocks() if b.count("--rdzv_endpoint=127.0.0.1:") >= 2]
+    assert len(local) >= 2, "the README's loopback commands of step 04 are gone"
+    for block in local:
+        assert not re.search(r"--rdzv_endpoint=127\.0\.0\.1:\d", block), block
+        endpoint = block.index("--rdzv_endpoint")
+        assert 0 <= block.find("export PORT=") < endpoint, block
+        if "--nproc_per_node=1" in block:
+            assert 0 <= block.find("export OMP_NUM_THREADS=") < endpoint, block
 
 
 def test_without_torchrun_it_says_how_to_start():

@@ -84,6 +84,7 @@ def test_every_script_has_help():
 # --- 2. DDP equivalence: 2 ranks x batch B == 1 process x batch 2B ---------------------------
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_with_double_batch(tmp_path):
     (tmp_path / "ddp").mkdir(), (tmp_path / "single").mkdir()
     run([PY, script(STEP2), 3, 3, "--world_size", 2, "--batch_size", 16], cwd=tmp_path / "ddp",
@@ -95,10 +96,11 @@ def test_two_ranks_equal_one_process_with_double_batch(tmp_path):
     # 3 epochs x 64 steps: the gradients DDP averaged equal the big batch's, up to float rounding.
     assert_same_params(ddp, single, exact=False)
     # training moved the weights far from where they started, so the comparison means something
-    initial, _ = make_model(*load_datasets(None, seed=0), seed=0)
+    initial, _ = make_model(load_datasets(None, seed=0)[0], seed=0)
     assert (ddp["weight"] - initial.weight).abs().max() > 1.0
 
 
+@pytest.mark.slow
 def test_torchrun_step_matches_mp_spawn_step(tmp_path):
     """03 only changes how processes start: same seed, same world size, same weights."""
     run([PY, script(STEP2), 2, 2], cwd=tmp_path, check=True)
@@ -121,6 +123,7 @@ def listening_ports():
     return ports
 
 
+@pytest.mark.slow
 def test_spawn_runs_at_once_pick_their_own_ports_or_use_master_port(tmp_path):
     """Two 02 runs started together on one machine must not collide on rank 0's port, and a
     MASTER_PORT set by the user is the port rank 0 listens on."""
@@ -255,10 +258,11 @@ def dying_save(obj, f):
     os.kill(os.getpid(), signal.SIGKILL)
 torch.save = dying_save
 torch.nn.init.constant_(model.weight, 7.0)
-step3.save_snapshot(Wrapped, opt, 5, 1, "snapshot_03.pt")
+step3.save_snapshot(Wrapped, opt, 5, 1, "data id", "snapshot_03.pt")
 """
 
 
+@pytest.mark.slow
 def test_snapshot_killed_mid_write_leaves_the_old_one_intact(tmp_path):
     step3_single_process(2, 2, cwd=tmp_path)
     before = (tmp_path / "snapshot_03.pt").read_bytes()
@@ -290,6 +294,7 @@ def other_model(path):
     torch.save(snapshot, path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spoil", [truncated, foreign, not_torch, other_model])
 def test_unreadable_snapshot_is_a_clear_error_and_is_kept(spoil, tmp_path):
     step3_single_process(1, 1, cwd=tmp_path)
@@ -340,6 +345,11 @@ BAD_DATA = {
         "y_train.npy: integer labels must be one class index per sample, shape (64,) or (64, 1), "
         "got (64, 3)",
     ),
+    # a class the model never trains on: it once silently added an output and changed the loss
+    "class_only_in_val": (
+        {"y_val": np.arange(16) % 5},
+        "y_val.npy has class(es) 3, 4 that y_train.npy never has",
+    ),
 }
 
 
@@ -356,14 +366,33 @@ def test_bad_data_gets_one_clear_line(case, tmp_path):
     assert not (tmp_path / "checkpoint_01.pt").exists()
 
 
-def test_npy_classification_and_regression_both_train(tmp_path):
-    cls = write_npy(tmp_path / "cls")
+def accuracy(weights, folder):
+    """The accuracy of the linear model `weights` on folder's validation set, in percent."""
+    X, y = np.load(folder / "X_val.npy"), np.load(folder / "y_val.npy")
+    logits = torch.from_numpy(X) @ weights["weight"].T + weights["bias"]
+    return 100 * (logits.argmax(1).numpy() == y).mean()
+
+
+def test_npy_classification_and_regression_say_their_task_once(tmp_path):
+    cls = write_npy(tmp_path / "cls", y_val=(np.arange(16) * 7) % 3)
     result = run([PY, script(STEP1), 3, 3, "--data_dir", cls], cwd=tmp_path, check=True)
-    assert torch.load(tmp_path / "checkpoint_01.pt", weights_only=True)["weight"].shape == (3, 5)
+    weights = torch.load(tmp_path / "checkpoint_01.pt", weights_only=True)
+    assert weights["weight"].shape == (3, 5)
+    task = (
+        "task: classification, 5 features -> 3 classes (integer labels 0 to 2), cross-entropy loss"
+    )
+    assert [line for line in result.stdout.splitlines() if "task" in line] == [task]
+    printed = [float(a) for a in re.findall(r"\| val accuracy (\d+\.\d)%$", result.stdout, re.M)]
+    assert len(printed) == 3 and abs(printed[-1] - accuracy(weights, cls)) <= 0.05 + 1e-9
+
     reg = write_npy(tmp_path / "reg", y_train=np.ones((64, 2)), y_val=np.ones((16, 2)))
     result = run([PY, script(STEP1), 3, 3, "--data_dir", reg], cwd=tmp_path, check=True)
     assert torch.load(tmp_path / "checkpoint_01.pt", weights_only=True)["weight"].shape == (2, 5)
-    assert len(losses(result.stdout, "val")) == 3
+    assert len(losses(result.stdout, "val")) == 3 and "accuracy" not in result.stdout
+    assert (
+        result.stdout.splitlines()[0]
+        == "task: regression, 5 features -> 2 float target(s), MSE loss"
+    )
 
 
 @pytest.mark.parametrize(
@@ -417,6 +446,17 @@ def test_step3_bad_data_under_torchrun_keeps_the_snapshot(tmp_path):
     line = f"{STEP3}: error: --data_dir {tmp_path / 'nope'}: no such directory"
     assert line in result.stderr.splitlines()  # each rank prints it; torchrun adds its report
     assert (tmp_path / "snapshot_03.pt").read_bytes() == before
+
+
+def test_commands_in_the_docs_kill_by_pid_never_by_name():
+    """`pkill -f NAME` kills the newest match of anyone on the machine: on a shared machine,
+    someone else's run. The README's try-it kills a worker of its own torchrun, by pid."""
+    docs = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    by_name = [f"{doc.name}: {line}" for doc in docs for line in doc.read_text().splitlines()
+               if re.search(r"\b(pkill|killall)\b", line)]  # fmt: skip
+    assert not by_name, by_name
+    readme = (ROOT / "README.md").read_text()
+    assert "kill -9 $(pgrep -P $! | head -n 1)" in readme
 
 
 def test_step3_without_torchrun_says_how_to_start_it(tmp_path):

@@ -1,7 +1,9 @@
 """Edges of steps 01-04 that each test below was written to catch (a bug planted in the code made
 it fail): the --data_dir recipe, saves that survive a lost node, the full-set validation loss and
-set_epoch in every script's own loop, snapshots that never cross from one step to another, and
-step 03 refusing to run on several machines."""
+accuracy and set_epoch in every script's own loop, snapshots that never cross from one step or
+one dataset to another, one-line errors that leave the process group first, the GPU bound at
+init_process_group on NCCL, threads shared out under mp.spawn, and step 03 refusing to run on
+several machines."""
 
 import os
 import re
@@ -12,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from helpers import free_port, load_script, run, script, start, stop, torchrun, worker_env
 
@@ -47,7 +50,10 @@ def test_datautils_writes_my_data_and_step_01_trains_on_it_verbatim(tmp_path, mo
     # the README's command, word for word
     mine = run([PY, script(STEP1), "20", "5", "--data_dir", "my_data/"], cwd=tmp_path, check=True)
     lines = mine.stdout.splitlines()
-    assert len(lines) == 20 + 4 and lines[-1] == "epoch 19 | checkpoint saved at checkpoint_01.pt"
+    assert lines[0] == "task: regression, 20 features -> 1 float target(s), MSE loss"
+    assert (
+        len(lines) == 1 + 20 + 4 and lines[-1] == "epoch 19 | checkpoint saved at checkpoint_01.pt"
+    )
     val = [float(x) for x in re.findall(r"val loss (\d+\.\d+)", mine.stdout)]
     assert val[-1] < 0.05 * val[0], mine.stdout
     # a second time it never overwrites the arrays (they could be someone's real data)
@@ -97,7 +103,8 @@ def test_saves_fsync_the_file_before_the_rename_and_the_folder_after(step, tmp_p
         module.save_checkpoint(model, path)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        module.save_snapshot(Wrapped(model), optimizer, 3, 2, path)
+        done = 3 if step == STEP3 else [(epoch, 2) for epoch in range(3)]  # 04: (epoch, world)
+        module.save_snapshot(Wrapped(model), optimizer, done, 2, "data id", path)
     saved = os.stat(path)
     assert [e[0] for e in events] == ["fsync", "replace", "fsync"], events
     (_, kind, ino, size), (_, moved, dst), (_, dir_kind, dir_ino, _) = events
@@ -201,6 +208,25 @@ def test_two_ranks_print_exactly_the_full_set_val_loss(two_rank_run):
     assert abs(printed - full) <= 0.5e-4 + 1e-6, (step, printed, full, stdout)
 
 
+def test_two_ranks_print_the_full_set_accuracy(tmp_path):
+    """Classification on 2 ranks: 15 validation samples, shards of 8 and 7; the printed accuracy
+    is the fraction right over all 15 (sums and counts all-reduced), as one process counts."""
+    rng = np.random.default_rng(0)
+    X_train, X_val = rng.normal(size=(40, 3)), rng.normal(size=(15, 3))
+    arrays = {"X_train": X_train, "y_train": (X_train[:, 0] > 0).astype(np.int64),
+              "X_val": X_val, "y_val": (X_val[:, 1] > 0).astype(np.int64)}  # fmt: skip
+    (tmp_path / "data").mkdir()
+    for name, array in arrays.items():
+        np.save(tmp_path / "data" / f"{name}.npy", array.astype(array.dtype))
+    cmd = [PY, script(STEP2), 2, 2, "--data_dir", tmp_path / "data", "--batch_size", 4]
+    stdout = run(cmd, cwd=tmp_path, timeout=120, check=True).stdout
+    weights = torch.load(tmp_path / "checkpoint_02.pt", weights_only=True)
+    logits = torch.from_numpy(X_val).float() @ weights["weight"].T + weights["bias"]
+    right = (logits.argmax(1).numpy() == arrays["y_val"]).sum()
+    assert f"| val accuracy {right / 15:.1%}" in stdout.splitlines()[-2], (right, stdout)
+    assert stdout.count("task: classification") == 1, stdout  # rank 0 alone says it
+
+
 def test_each_rank_calls_set_epoch_with_every_epoch_in_order(two_rank_run):
     step, _, _, _, calls = two_rank_run
     # two processes (the two ranks), each calling set_epoch(0), (1), (2) on its own sampler
@@ -250,7 +276,7 @@ def test_step_03_refuses_step_04s_snapshot(snapshots):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     path = str(snapshots[0] / "snapshot_04.pt")
     with pytest.raises(SystemExit) as exit_info:
-        step3.load_snapshot(path, model, optimizer, "cpu")
+        step3.load_snapshot(path, model, optimizer, "cpu", data_id="any")
     assert exit_info.value.code == (
         f"{STEP3}: error: {path} is a snapshot of {STEP4}, not of this step; "
         "move it away or pass another --snapshot_path"
@@ -265,12 +291,14 @@ def test_a_snapshot_of_another_world_size_is_announced_and_resumed(step, snapsho
     torch.save(snapshot, tmp_path / SNAPSHOT[step])
     result = single_worker(step, 3, 1, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stdout.splitlines() if not line.startswith("rank ")]
-    assert lines[:2] == [
-        f"Resuming training from snapshot {SNAPSHOT[step]} at epoch 2",
-        f"Note: {SNAPSHOT[step]} was written by 4 processes, this run has 1: training goes on "
-        "with a global batch of 1 x 32 samples",
-    ]
+    lines = [line for line in result.stdout.splitlines() if not line.startswith(("rank ", "task"))]
+    note = {  # 04 also says what it chose for the new world size (an elastic job's case)
+        STEP3: f"Note: {SNAPSHOT[step]} was written by 4 processes, this run has 1: training "
+        "goes on with a global batch of 1 x 32 samples",
+        STEP4: "Note: world size 4 -> 1 at epoch 2: global batch 128 -> 32 (32 per process, no "
+        "accumulation), lr 0.01 unchanged, each epoch's shuffle unchanged",
+    }
+    assert lines[:2] == [f"Resuming training from snapshot {SNAPSHOT[step]} at epoch 2", note[step]]
     assert lines[2].startswith("[cpu x 1] epoch 2 |"), result.stdout
     assert torch.load(tmp_path / SNAPSHOT[step], weights_only=True)["world_size"] == 1
 
@@ -298,3 +326,100 @@ def test_step_03_on_two_machines_stops_every_worker_with_one_line(tmp_path):
         assert expected in out.splitlines(), out
         assert "train loss" not in out, out
     assert not list(tmp_path.glob("snapshot*"))
+
+
+# --- a snapshot is of one dataset --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step", [STEP3, STEP4])
+def test_a_snapshot_of_other_data_with_the_same_shapes_is_refused(step, snapshots, tmp_path):
+    # --seed 1 draws another synthetic task of the same shapes: the weights would fit, silently
+    saved = (snapshots[0] / SNAPSHOT[step]).read_bytes()
+    (tmp_path / SNAPSHOT[step]).write_bytes(saved)
+    result = single_worker(step, 4, 1, "--seed", 1, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout
+    [line] = result.stderr.strip().splitlines()
+    assert re.fullmatch(
+        rf"{step}: error: {SNAPSHOT[step]} was trained on other data \(fingerprint [0-9a-f]{{16}}, "
+        r"this data [0-9a-f]{16}\); move it away or pass another --snapshot_path",
+        line,
+    ), line
+    assert "train loss" not in result.stdout
+    assert (tmp_path / SNAPSHOT[step]).read_bytes() == saved
+
+
+@pytest.mark.parametrize("step", [STEP3, STEP4])
+def test_a_one_line_error_leaves_the_process_group_first(step, snapshots, tmp_path):
+    """The snapshot errors come after init_process_group: NCCL warns at exit about a group that
+    was never destroyed, so the process leaves it before exiting."""
+    module = load_script(step)
+    (tmp_path / "bad.pt").write_bytes(b"not a snapshot")
+    model = torch.nn.Linear(20, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            module.load_snapshot(str(tmp_path / "bad.pt"), model, optimizer, "cpu", "any")
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert "is not a readable snapshot of this model" in exit_info.value.code
+
+
+# --- the CUDA path of init_process_group, by construction -------------------------------------
+
+
+@pytest.mark.parametrize("step", [STEP2, STEP3, STEP4])
+def test_setup_binds_the_gpu_on_nccl_and_gives_gloo_no_device(step, monkeypatch):
+    """init_process_group(device_id=...) on NCCL: the communicator is created at once and
+    barrier() uses that GPU. gloo is given none (a CPU device_id raises in torch 2.13)."""
+    module = load_script(step)
+    calls = []
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set", device)))
+    ranks = (1, 2) if step == STEP2 else ()  # 02's setup takes rank and world size
+    module.setup(*ranks, torch.device("cuda", 1))
+    module.setup(*ranks, torch.device("cpu"))
+    extra = {"rank": 1, "world_size": 2} if step == STEP2 else {}
+    assert calls == [
+        ("set", torch.device("cuda", 1)),
+        (("nccl",), {**extra, "device_id": torch.device("cuda", 1)}),
+        (("gloo",), {**extra, "device_id": None}),
+    ]
+
+
+# --- mp.spawn shares the cores out, as torchrun does -------------------------------------------
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "4"), ("3", "3")])
+def test_step_02_gives_each_process_its_share_of_the_cores(preset, expected, monkeypatch):
+    """8 cores, 2 processes: 4 threads each (OMP_NUM_THREADS, read by the spawned processes).
+    A value the user set is kept."""
+    for var in ("OMP_NUM_THREADS", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)  # and restored afterwards
+    if preset:
+        monkeypatch.setenv("OMP_NUM_THREADS", preset)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    seen = []
+    monkeypatch.setattr("torch.multiprocessing.spawn",
+                        lambda *a, **kw: seen.append(os.environ["OMP_NUM_THREADS"]))  # fmt: skip
+    monkeypatch.setattr("sys.argv", [STEP2, "1", "1", "--world_size", "2", "--device", "cpu"])
+    runpy.run_path(script(STEP2), run_name="__main__")
+    assert seen == [expected]
+
+
+@pytest.mark.parametrize("step", [STEP2, STEP3, STEP4])
+def test_on_windows_setup_asks_for_a_store_without_libuv(step, monkeypatch):
+    """PyTorch's Windows builds have no libuv; env:// reads USE_LIBUV (docs/windows.md)."""
+    module = load_script(step)
+    seen = []
+    monkeypatch.delenv("USE_LIBUV", raising=False)
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda *a, **kw: seen.append(os.environ.get("USE_LIBUV")))  # fmt: skip
+    module.setup(*((0, 1) if step == STEP2 else ()), torch.device("cpu"))
+    assert seen == ["0"]

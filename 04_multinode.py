@@ -27,7 +27,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from datautils import DataError, load_datasets, make_model, positive_int
+from datautils import (
+    DataError,
+    accuracy_field,
+    count_correct,
+    fingerprint,
+    load_datasets,
+    make_model,
+    positive_int,
+    task_line,
+)
 
 PROG = os.path.basename(__file__)
 
@@ -83,8 +92,13 @@ def setup(device):
         torch.cuda.set_device(device)
     # NCCL talks GPU to GPU; gloo runs on CPUs (and on Windows, which has no NCCL).
     backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+    if sys.platform == "win32":  # PyTorch's Windows builds have no libuv for the TCP store
+        os.environ.setdefault("USE_LIBUV", "0")
+    # device_id binds the group to this GPU: NCCL connects now, not at the first collective,
+    # and barrier() knows which GPU to use. gloo takes none.
+    device_id = device if backend == "nccl" else None
     # Rank, world size and rank 0's address come from the variables torchrun sets.
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, device_id=device_id)
 
 
 def make_loaders(train_set, val_set, batch_size, rank, world_size, seed):
@@ -117,14 +131,16 @@ def train_epoch(model, loader, loss_fn, optimizer, device):
 
 @torch.no_grad()
 def evaluate(model, loader, loss_fn, device):
-    """Validation loss on this process's share, as (sum of losses, number of samples)."""
+    """Validation on this process's share: (sum of losses, right predictions, samples)."""
     model.eval()
-    total, count = 0.0, 0
+    total, correct, count = 0.0, 0, 0
     for source, target in loader:
         source, target = source.to(device), target.to(device)
-        total += loss_fn(model(source), target).item() * len(source)
+        output = model(source)
+        total += loss_fn(output, target).item() * len(source)
+        correct += count_correct(output, target)
         count += len(source)
-    return total, count
+    return total, correct, count
 
 
 def global_mean(total, count, device):
@@ -135,15 +151,18 @@ def global_mean(total, count, device):
     return (both[0] / both[1]).item()
 
 
-def save_snapshot(model, optimizer, epochs_run, world_size, path):
+def save_snapshot(model, optimizer, history, world_size, data_id, path):
     """Everything needed to continue exactly: weights, optimizer state (momentum), epochs done."""
     snapshot = {
         "model": model.module.state_dict(),  # .module: the model inside DDP
         "optimizer": optimizer.state_dict(),
-        "epochs_run": epochs_run,
+        "epochs_run": len(history),
+        # (epoch, world size) of every epoch done: what an elastic job really ran
+        "history": history,
         # Who wrote it, so that a snapshot of another step or world size never resumes unnoticed.
         "written_by": PROG,
         "world_size": world_size,
+        "data": data_id,  # fingerprint(): a snapshot of other data never resumes unnoticed
     }
     # Write a temp file, then rename it: a crash mid-write never leaves a half-written snapshot.
     # fsync the file before the rename and its folder after: otherwise a lost node or a power cut
@@ -160,25 +179,37 @@ def save_snapshot(model, optimizer, epochs_run, world_size, path):
         os.close(folder)
 
 
-def load_snapshot(path, model, optimizer, device):
-    """Restore model and optimizer from a snapshot; returns the epochs it had done and the world
-    size that wrote it."""
+def fail(message):
+    """Stop with one line. The process group goes first: NCCL warns about one left at exit."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(f"{PROG}: error: {message}")
+
+
+def load_snapshot(path, model, optimizer, device, data_id):
+    """Restore model and optimizer from a snapshot; returns its history of (epoch, world size)
+    and the world size that wrote it."""
     try:
         # weights_only=True: only tensors and plain containers, never code, are unpickled.
         snapshot = torch.load(path, map_location=device, weights_only=True)
         if snapshot["written_by"] != PROG:  # another step's snapshot: another experiment
-            sys.exit(
-                f"{PROG}: error: {path} is a snapshot of {snapshot['written_by']}, not of this "
-                "step; move it away or pass another --snapshot_path"
+            fail(
+                f"{path} is a snapshot of {snapshot['written_by']}, not of this step; move it "
+                "away or pass another --snapshot_path"
+            )
+        if snapshot["data"] != data_id:  # same shapes, other numbers: another experiment
+            fail(
+                f"{path} was trained on other data (fingerprint {snapshot['data']}, this data "
+                f"{data_id}); move it away or pass another --snapshot_path"
             )
         model.load_state_dict(snapshot["model"])
         optimizer.load_state_dict(snapshot["optimizer"])
-        return int(snapshot["epochs_run"]), int(snapshot["world_size"])
+        return [tuple(epoch) for epoch in snapshot["history"]], int(snapshot["world_size"])
     except (RuntimeError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as e:
         # A truncated file, another program's file, or a snapshot of a different model.
-        sys.exit(
-            f"{PROG}: error: {path} is not a readable snapshot of this model "
-            f"({type(e).__name__}); move it away or pass another --snapshot_path"
+        fail(
+            f"{path} is not a readable snapshot of this model ({type(e).__name__}); move it "
+            "away or pass another --snapshot_path"
         )
 
 
@@ -190,11 +221,21 @@ def same_epoch_everywhere(epochs_run, device):
     dist.all_reduce(earliest, op=dist.ReduceOp.MIN)
     dist.all_reduce(latest, op=dist.ReduceOp.MAX)
     if earliest != latest:
-        sys.exit(
-            f"{PROG}: error: machines resumed from different epochs "
-            f"({earliest.item()} to {latest.item()}): is --snapshot_path on a disk they all "
-            "share? If each has its own, pass --snapshot_per_node"
+        fail(
+            f"machines resumed from different epochs ({earliest.item()} to {latest.item()}): "
+            "is --snapshot_path on a disk they all share? If each has its own, pass "
+            "--snapshot_per_node"
         )
+
+
+def world_size_note(old, new, epoch, args):
+    """The choices made for a new world size, in one line. This script keeps the batch per
+    process: the global batch (and so the steps per epoch) follow the world size."""
+    return (
+        f"Note: world size {old} -> {new} at epoch {epoch}: global batch {old * args.batch_size} "
+        f"-> {new * args.batch_size} ({args.batch_size} per process, no accumulation), "
+        f"lr {args.lr} unchanged, each epoch's shuffle unchanged"
+    )
 
 
 def main(args, data):
@@ -213,23 +254,25 @@ def main(args, data):
     # Shared disk: one writer for the whole job. Own disks: one writer per machine.
     is_writer = rank == 0 or (args.snapshot_per_node and local_rank == 0)
     train_set, val_set = data
-    model, loss_fn = make_model(train_set, val_set, args.seed)
+    model, loss_fn = make_model(train_set, args.seed)
+    data_id = fingerprint(train_set, val_set)
     model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-    epochs_run = 0
+    history = []
     if os.path.exists(args.snapshot_path):  # a restart after a failure, or a resubmitted job
-        epochs_run, saved_world_size = load_snapshot(args.snapshot_path, model, optimizer, device)
+        history, saved_world_size = load_snapshot(
+            args.snapshot_path, model, optimizer, device, data_id
+        )
         if local_rank == 0:  # one line per machine: each read its own file
-            print(f"Resuming training from snapshot {args.snapshot_path} at epoch {epochs_run}")
-        # Allowed (another --nproc_per_node, an elastic job that lost a machine), but said: the
-        # global batch, and so the training, differ from those of an uninterrupted run.
+            print(f"Resuming training from snapshot {args.snapshot_path} at epoch {len(history)}")
+        # Allowed (an elastic job that lost or regained a machine), but said: what this script
+        # chose for the new world size makes the training differ from an uninterrupted run.
         if rank == 0 and saved_world_size != world_size:
-            print(
-                f"Note: {args.snapshot_path} was written by {saved_world_size} processes, this "
-                f"run has {world_size}: training goes on with a global batch of {world_size} x "
-                f"{args.batch_size} samples"
-            )
+            print(world_size_note(saved_world_size, world_size, len(history), args))
+    epochs_run = len(history)
     same_epoch_everywhere(epochs_run, device)
+    if rank == 0:  # after a collective: every rank's line above is out by now, none mixes in
+        print(task_line(train_set))
     model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     train_loader, val_loader = make_loaders(
         train_set, val_set, args.batch_size, rank, world_size, args.seed
@@ -238,16 +281,19 @@ def main(args, data):
     for epoch in range(epochs_run, args.total_epochs):
         train_loader.sampler.set_epoch(epoch)  # without this, every epoch has the same order
         train_total, train_count = train_epoch(model, train_loader, loss_fn, optimizer, device)
-        val_total, val_count = evaluate(model, val_loader, loss_fn, device)
+        val_total, val_correct, val_count = evaluate(model, val_loader, loss_fn, device)
         train_loss = global_mean(train_total, train_count, device)
         val_loss = global_mean(val_total, val_count, device)  # every rank must take part
+        val_accuracy = global_mean(val_correct, val_count, device)
         if rank == 0:
             print(
                 f"[{device} x {world_size}] epoch {epoch} | {len(train_loader)} batches of "
                 f"{args.batch_size} | train loss {train_loss:.4f} | val loss {val_loss:.4f}"
+                + accuracy_field(val_accuracy, train_set)
             )
+        history.append((epoch, world_size))
         if is_writer and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.total_epochs):
-            save_snapshot(model, optimizer, epoch + 1, world_size, args.snapshot_path)
+            save_snapshot(model, optimizer, history, world_size, data_id, args.snapshot_path)
             print(f"epoch {epoch} | snapshot saved at {args.snapshot_path}")
     # Wait until rank 0 has written its last file before anyone tears down (with gloo this also
     # makes a rare abort at exit rarer: see docs/gloo_exit_abort.md).

@@ -73,6 +73,19 @@ class Hosts:
         netns = ["ip", "netns", "exec", self.netns(name)]
         return [*netns, "unshare", "--uts", "sh", "-c", script, name, *map(str, cmd)]
 
+    def kill_everything_on(self, name):
+        """SIGKILL every process on host `name`, as when the machine loses power: no process
+        there gets to clean up (torchrun starts its workers in sessions of their own, so killing
+        the agent's process group would miss them). The host stays and can start programs again.
+        Returns the pids killed."""
+        pids = [int(pid) for pid in sh("ip", "netns", "pids", self.netns(name)).stdout.split()]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return pids
+
     def daemon_cmd(self, name, cmd):
         """Like `run_cmd`, but for daemons such as slurmd that need the real /sys: `ip netns exec`
         remounts /sys (slurmd then dies), so enter only the network namespace and mount the hosts

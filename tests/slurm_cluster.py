@@ -11,6 +11,10 @@ Two layouts:
   each in its own network namespace (tests/netns_hosts.py), with its own hostname and address, as
   on a real cluster.
 
+`gpus=N` gives every node N stand-in GPUs (a GRES of empty files): Slurm schedules and counts
+them as on a GPU cluster, so a job's GPU request and what the script does with it can be
+tested; nothing can compute on them, and a CPU-only PyTorch sees none.
+
     with SlurmCluster.single() as cluster:
         job = cluster.sbatch(["slurm/multinode.sh"], cwd=workdir)
         state = cluster.wait(job, timeout=180)   # "COMPLETED", "FAILED", ...
@@ -90,22 +94,23 @@ def _tail(path, chars=3000):
 
 
 class SlurmCluster:
-    def __init__(self, controller, nodes, hosts=None, cpus=2):
+    def __init__(self, controller, nodes, hosts=None, cpus=2, gpus=0):
         """`controller` and `nodes` are (name, address) pairs; `hosts` a netns_hosts.Hosts when the
         machines live in network namespaces, else None (everything on this machine)."""
         self.controller, self.nodes, self.hosts, self.cpus = controller, nodes, hosts, cpus
+        self.gpus = gpus
         self.procs = []
         self.dir = self.conf = self.logs = None  # made by start()
 
     @classmethod
-    def single(cls, cpus=2):
+    def single(cls, cpus=2, gpus=0):
         name = socket.gethostname().split(".")[0]
-        return cls((name, "127.0.0.1"), [(name, "127.0.0.1")], cpus=cpus)
+        return cls((name, "127.0.0.1"), [(name, "127.0.0.1")], cpus=cpus, gpus=gpus)
 
     @classmethod
-    def in_namespaces(cls, hosts, controller, nodes, cpus=2):
+    def in_namespaces(cls, hosts, controller, nodes, cpus=2, gpus=0):
         nodes = [(name, hosts.addr[name]) for name in nodes]
-        return cls((controller, hosts.addr[controller]), nodes, hosts=hosts, cpus=cpus)
+        return cls((controller, hosts.addr[controller]), nodes, hosts=hosts, cpus=cpus, gpus=gpus)
 
     # --- running -------------------------------------------------------------------------------
 
@@ -167,8 +172,10 @@ class SlurmCluster:
 
     def write_config(self):
         ctl_name, ctl_addr = self.controller
+        gres = f" Gres=gpu:{self.gpus}" if self.gpus else ""
+        gres_types = "GresTypes=gpu" if self.gpus else "# no GRES"
         node_lines = "\n".join(
-            f"NodeName={n} NodeAddr={a} NodeHostname={n} CPUs={self.cpus} State=UNKNOWN"
+            f"NodeName={n} NodeAddr={a} NodeHostname={n} CPUs={self.cpus}{gres} State=UNKNOWN"
             for n, a in self.nodes
         )
         d = self.dir
@@ -177,6 +184,7 @@ class SlurmCluster:
         self.conf.write_text(
             f"""\
 ClusterName=ddpt
+{gres_types}
 SlurmctldHost={ctl_name}({ctl_addr})
 SlurmctldPort={ctl_port}
 SlurmdPort={node_port}
@@ -214,6 +222,16 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         )
         for sub in ("state", "spool", "log"):
             (d / sub).mkdir()
+        if self.gpus:
+            self.write_gres()
+
+    def write_gres(self):
+        """Stand-in GPUs: Slurm wants a device file per GPU, and an empty file will do."""
+        (self.dir / "dev").mkdir()
+        for i in range(self.gpus):
+            (self.dir / "dev" / f"gpu{i}").touch()
+        files = f"{self.dir}/dev/gpu[0-{self.gpus - 1}]"
+        (self.dir / "gres.conf").write_text(f"Name=gpu File={files}\n")  # next to slurm.conf
 
     def start_munged(self):
         munge = pwd.getpwnam("munge")

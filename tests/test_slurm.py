@@ -1,10 +1,15 @@
 """The slurm/ scripts on a real Slurm cluster (tests/slurm_cluster.py): multinode.sh on one node,
-and multinode.sh, gpt.sh and llama.sh on two nodes that are separate hosts (network namespaces,
-own hostnames and addresses). Each job must reach COMPLETED, and its per-job log must show a
-torchrun on every node, every rank of the world (multinode.sh) and the training to its end.
+and multinode.sh, gpt.sh, llama.sh and fsdp.sh on two nodes that are separate hosts (network
+namespaces, own hostnames and addresses). Each job must reach COMPLETED, and its per-job log must
+show a torchrun on every node, every rank of the world (multinode.sh) and the training to its
+end; fsdp.sh's checkpoint must hold one shard per rank of both nodes.
 Jobs that must fail, and fast: a head node whose name resolves to loopback on itself (the
 script's error, at once), and a node that fails for good (the job ends FAILED, not after
-torchrun's 10-minute join_timeout)."""
+torchrun's 10-minute join_timeout).
+GPUs: the scripts ask for 8 per node and train with --device cuda; the CPU runs here opt in with
+`sbatch --gpus-per-node=0`. The two nodes have 8 stand-in GPUs each (slurm_cluster.py), so a GPU
+job really starts and must stop in one line per node: this CPU-only PyTorch sees none of them.
+Every worker's MASTER_ADDR must be the address the script checked and gave torchrun."""
 
 import os
 import re
@@ -13,6 +18,7 @@ from pathlib import Path
 
 import netns_hosts
 import pytest
+import torch.distributed.checkpoint as dcp
 from helpers import PYTHON, ROOT, run, worker_env
 from slurm_cluster import SlurmCluster, skip_reason
 
@@ -22,7 +28,12 @@ TRAIN = ["4", "2", "--batch_size", "64", "--snapshot_path", "snapshot.pt"]
 # a few steps of the tiny GPT / Llama: enough to evaluate, save and finish
 TINY_LM = ["--max_steps", "6", "--eval_every", "3", "--eval_batches", "1", "--save_every", "3"]
 TINY_LM += ["--sample_every", "0", "--batch_size", "4"]
-JOB_NAME = {"multinode.sh": "ddp-multinode", "gpt.sh": "ddp-gpt", "llama.sh": "ddp-llama"}
+JOB_NAME = {
+    "multinode.sh": "ddp-multinode",
+    "gpt.sh": "ddp-gpt",
+    "llama.sh": "ddp-llama",
+    "fsdp.sh": "ddp-fsdp",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -48,11 +59,14 @@ def submit_from(folder):
     return folder
 
 
+CPU = "--gpus-per-node=0"  # the scripts' CPU opt-in: they ask for GPUs otherwise
+
+
 def run_job(cluster, folder, sbatch_args, script="multinode.sh", args=TRAIN, nproc=2):
-    """`sbatch [SBATCH_ARGS] slurm/SCRIPT ARGS...` with NPROC processes per node; returns the job
-    log once the job reached COMPLETED."""
+    """`sbatch --gpus-per-node=0 [SBATCH_ARGS] slurm/SCRIPT ARGS...` with NPROC processes per
+    node; returns the job log once the job reached COMPLETED."""
     env = job_env(cluster, NPROC_PER_NODE=nproc)
-    job = cluster.sbatch([*sbatch_args, ROOT / "slurm" / script, *args], folder, env)
+    job = cluster.sbatch([CPU, *sbatch_args, ROOT / "slurm" / script, *args], folder, env)
     state = cluster.wait(job, timeout=240)
     log = folder / f"{JOB_NAME[script]}-{job}.log"  # --output=%x-%j.log in the script
     text = log.read_text() if log.exists() else "(no job log)"
@@ -79,18 +93,19 @@ def test_one_node(tmp_path):
     node = cluster.nodes[0][0]
     assert torchrun_hosts(log) == [node], log
     assert rank_lines(log) == [("0", "2", "0", node), ("1", "2", "1", node)], log
-    assert "rendezvous at 127.0.0.1:29500" in log  # one node: loopback is fine
+    assert "2 processes per node on cpu, rendezvous at 127.0.0.1:29500" in log  # loopback: fine
     assert "[cpu x 2] epoch 3" in log and "snapshot saved at snapshot.pt" in log
     assert (folder / "snapshot.pt").exists()
 
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    """A controller host and two compute hosts, each in its own network namespace."""
+    """A controller host and two compute hosts, each in its own network namespace, each with 8
+    stand-in GPUs."""
     if skip_reason() or netns_hosts.skip_reason():
         pytest.skip(skip_reason() or netns_hosts.skip_reason())
     with netns_hosts.network(["ctl", "node1", "node2"]) as hosts:
-        with SlurmCluster.in_namespaces(hosts, "ctl", ["node1", "node2"]) as cluster:
+        with SlurmCluster.in_namespaces(hosts, "ctl", ["node1", "node2"], gpus=8) as cluster:
             yield cluster
 
 
@@ -140,6 +155,28 @@ def test_llama_script_on_two_nodes(tmp_path, two_nodes):
 
 
 @pytest.mark.multihost
+def test_fsdp_script_on_two_nodes_writes_one_shard_per_rank(tmp_path, two_nodes):
+    prepare = [PYTHON, ROOT / "05_gpt_ddp" / "prepare.py", "--tokenizer", "char"]
+    run([*prepare, "--data_dir", tmp_path / "data", "--max_bytes", "200000"], check=True)
+    (tmp_path / "08_fsdp").symlink_to(ROOT / "08_fsdp")
+    args = ["--preset", "tiny", "--stage", "zero3", "--data_dir", "data", "--out_dir", "out"]
+    log = run_job(two_nodes, tmp_path, [], "fsdp.sh", [*args, *TINY_LM], nproc=2)
+    # a world of 4 ranks: two torchruns (two ranks each), one on each host
+    assert torchrun_hosts(log) == ["node1", "node2"], log
+    assert "4 rank(s) on cpu" in log and "done: out/ckpt-000006" in log, log
+    ckpt = tmp_path / "out" / "ckpt-000006"
+    shards = [f"__{rank}_0.distcp" for rank in range(4)]  # DCP: one file per rank
+    assert sorted(f.name for f in ckpt.glob("*.distcp")) == shards
+    # zero3: every weight and AdamW state is split over the 4 ranks, so each lies in 4 files;
+    # a rank that gathered a whole tensor would have written it alone (at ddp: 1 file each)
+    files = {}
+    for index, stored in dcp.FileSystemReader(ckpt).read_metadata().storage_data.items():
+        files.setdefault(index.fqn, set()).add(stored.relative_path)
+    sharded = [fqn for fqn in files if not fqn.endswith(".step")]  # AdamW's step: a scalar
+    assert len(sharded) > 50 and all(files[fqn] == set(shards) for fqn in sharded), files
+
+
+@pytest.mark.multihost
 def test_a_head_node_that_resolves_itself_to_loopback_is_refused(tmp_path, two_nodes):
     # The Debian default: node1's own /etc/hosts says "127.0.1.1 node1". Other nodes could not
     # reach a rendezvous there, so the script must stop at once with a clear error, not hang.
@@ -152,7 +189,7 @@ def test_a_head_node_that_resolves_itself_to_loopback_is_refused(tmp_path, two_n
         )
         env = job_env(two_nodes, NPROC_PER_NODE=1)
         job = two_nodes.sbatch(
-            [ROOT / "slurm" / "multinode.sh", *TRAIN], submit_from(tmp_path), env
+            [CPU, ROOT / "slurm" / "multinode.sh", *TRAIN], submit_from(tmp_path), env
         )
         state = two_nodes.wait(job, timeout=120)
     finally:
@@ -166,8 +203,127 @@ def test_a_head_node_that_resolves_itself_to_loopback_is_refused(tmp_path, two_n
     assert "rank 0 of" not in log  # no training process was started
 
 
+SCRIPTS = ["multinode.sh", "gpt.sh", "llama.sh", "fsdp.sh"]
+# what each script runs, and the arguments it gives by default
+TRAINS = {
+    "multinode.sh": "04_multinode.py --device {} 50 10",
+    "gpt.sh": "05_gpt_ddp/train.py --resume --device {} --preset gpt2-124m",
+    "llama.sh": "06_llama_ddp/train.py --resume --device {} --train_file train.pkl "
+    "--valid_file val.pkl",
+    "fsdp.sh": "08_fsdp/train.py --resume --device {} --preset gpt-1.4b --batch_size 4",
+}
+
+
 @pytest.mark.multihost
-@pytest.mark.parametrize("script", ["multinode.sh", "gpt.sh", "llama.sh"])
+def test_the_scripts_ask_for_gpus(tmp_path, two_nodes):
+    # What each script asks Slurm for, read back from the controller; a held job never starts.
+    asked = {}
+    for script in SCRIPTS:
+        job = two_nodes.sbatch(["--hold", ROOT / "slurm" / script], tmp_path, job_env(two_nodes))
+        asked[script] = two_nodes.job(job).get("TresPerNode")
+        two_nodes.client("scancel", job)
+    assert asked == dict.fromkeys(SCRIPTS, "gres:gpu:8")
+
+
+@pytest.mark.multihost
+def test_a_gpu_job_that_finds_no_gpu_stops_in_one_line_per_node(tmp_path, two_nodes):
+    # Slurm gives both nodes their 8 (stand-in) GPUs, and this PyTorch sees none of them, as a
+    # wheel built for a newer CUDA than the driver would not. The job must end before torchrun.
+    job = two_nodes.sbatch([ROOT / "slurm" / "gpt.sh"], tmp_path, job_env(two_nodes))
+    state = two_nodes.wait(job, timeout=120)
+    log = (tmp_path / f"ddp-gpt-{job}.log").read_text()
+    assert state == "FAILED", log
+    # the script's lines only; srun and slurmstepd then say how they ended the step
+    ours = [line for line in log.splitlines() if not line.startswith(("srun: ", "slurmstepd"))]
+    why = "sees 0 GPUs, needs 8: this PyTorch is built without CUDA (a CPU-only wheel)"
+    pattern = rf"error: PyTorch \S+ on (node[12]) {re.escape(why)}"
+    assert sorted(re.fullmatch(pattern, line)[1] for line in ours) == ["node1", "node2"], log
+    assert "torchrun on" not in log
+
+
+def fake_slurm(folder):
+    """An srun that runs its command right here, one node, and a python (the GPU check: passes)
+    and a torchrun that only write down how they were called."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    stubs = {
+        "srun": 'while [ "${1#--}" != "$1" ]; do shift; done; exec "$@"',  # drop its options
+        "scontrol": "echo node1",
+        "python": 'echo "python $1 $3" >> calls',  # $2: the code
+        "torchrun": 'echo "torchrun $*" >> calls',
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1"}
+    return dict(slurm, PATH=f"{bin_dir}{os.pathsep}/usr/bin:/bin")
+
+
+def body(script):
+    """A script's lines below its header (which ends at the job name), without the two lines
+    that name its step: the default arguments and the train.py it runs."""
+    lines = (ROOT / "slurm" / script).read_text().splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if "--job-name" in line) + 1 :]
+    return [line for line in lines if not line.startswith(("if [ $# -eq 0 ]", "    0"))]
+
+
+@pytest.mark.parametrize("script", ["llama.sh", "fsdp.sh"])
+def test_the_step_scripts_are_gpt_sh_for_another_step(script):
+    # a reader diffs gpt.sh and this one: only the header and the step may differ
+    assert body(script) == body("gpt.sh")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_gpu_jobs_train_on_cuda_and_cpu_only_when_asked(tmp_path, script):
+    # The script as Slurm starts it on a node, with what Slurm sets for each request.
+    gpus = {"SLURM_GPUS_PER_NODE": "8", "SLURM_GPUS_ON_NODE": "8"}  # the script's own request
+    runs = {}
+    for case, slurm in [("gpus", gpus), ("cpu", {"SLURM_GPUS_PER_NODE": "0"}), ("none", {})]:
+        folder = tmp_path / case
+        folder.mkdir()
+        env = dict(fake_slurm(folder), **slurm)
+        out = run(["bash", ROOT / "slurm" / script], cwd=folder, env=env, timeout=30)
+        calls = folder / "calls"
+        runs[case] = (out, calls.read_text().splitlines() if calls.exists() else [])
+    out, (check, torchrun) = runs["gpus"]
+    assert out.returncode == 0, out.stderr
+    assert check == "python -c 8"  # the GPU check ran (python -c CODE 8), for 8 processes
+    assert "--nproc_per_node=8 " in torchrun and torchrun.endswith(TRAINS[script].format("cuda"))
+    out, calls = runs["cpu"]
+    assert out.returncode == 0, out.stderr
+    assert len(calls) == 1 and calls[0].startswith("torchrun "), calls  # no GPU check
+    assert "--nproc_per_node=1 " in calls[0] and calls[0].endswith(TRAINS[script].format("cpu"))
+    out, calls = runs["none"]
+    assert out.returncode == 1 and calls == []
+    assert out.stderr == (
+        "error: Slurm gave this job no GPUs: ask for them (sbatch --gpus-per-node=N), or submit "
+        "with --gpus-per-node=0 for a CPU run\n"
+    )
+
+
+WORKER = """import os, socket, sys
+rank, addr = os.environ["RANK"], os.environ["MASTER_ADDR"]
+sys.stdout.write(f"worker {rank} on {socket.gethostname()}: MASTER_ADDR {addr}\\n")
+"""
+
+
+@pytest.mark.multihost
+def test_every_worker_gets_the_address_the_script_checked(tmp_path, two_nodes):
+    # A stand-in for 04_multinode.py that only says what torchrun told it.
+    (tmp_path / "04_multinode.py").write_text(WORKER)
+    log = run_job(two_nodes, tmp_path, [], args=[], nproc=2)
+    checked = dict(re.findall(r"torchrun on ([\w-]+) at ([\d.]+)", log))
+    assert checked == {node: two_nodes.hosts.addr[node] for node in ("node1", "node2")}, log
+    workers = re.findall(r"worker (\d) on ([\w-]+): MASTER_ADDR ([\w.-]+?)(?=worker |\s)", log)
+    assert sorted(rank for rank, *_ in workers) == ["0", "1", "2", "3"], log
+    # rank 0's node hosts the process group's store: every worker must connect to the address
+    # that node checked, not to a name (socket.getfqdn(), torchrun's default)
+    rank0_node = next(node for rank, node, _ in workers if rank == "0")
+    assert {addr for *_, addr in workers} == {checked[rank0_node]}, log
+
+
+@pytest.mark.multihost
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_a_node_that_fails_for_good_ends_the_job(tmp_path, two_nodes, script):
     # node2's torchrun cannot start (think: a node without the Python environment); node1's
     # torchrun is already waiting at the rendezvous for it. Only `srun --kill-on-bad-exit=1`
@@ -184,7 +340,7 @@ def test_a_node_that_fails_for_good_ends_the_job(tmp_path, two_nodes, script):
     env = job_env(two_nodes, NPROC_PER_NODE=1)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     # default arguments: no training process starts (the rendezvous never completes), no data
-    job = two_nodes.sbatch([ROOT / "slurm" / script], tmp_path, env)
+    job = two_nodes.sbatch([CPU, ROOT / "slurm" / script], tmp_path, env)
     try:
         state = two_nodes.wait(job, timeout=60)  # the bound: a few seconds here, 60 on a slow CI
     finally:

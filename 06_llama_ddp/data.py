@@ -1,12 +1,18 @@
 """Token files, and the DistributedDataLoader that gives each rank its own slice of a token stream.
 
 Accepted files, each one stream of token ids:
-  .pkl  a pickled list or 1-D numpy array of ids, or a list of such sequences (concatenated),
-        read with a restricted unpickler (see TokenUnpickler) -- never with plain pickle.load;
+  .pkl  a pickled list or 1-D numpy array of ids, or a list of such sequences, read with a
+        restricted unpickler (see TokenUnpickler) -- never with plain pickle.load. A list of
+        documents is joined as it is: nothing goes between them, since no id is a separator in
+        every vocabulary; end each document with your tokenizer's end-of-text id yourself
+        (make_toy_data.py puts byte 0 between documents). Loaded whole, on every rank;
   .npy  a 1-D integer array (np.save), memory-mapped, read with allow_pickle=False;
   .bin  raw uint16 (the default, as nanoGPT writes them) or uint32 ids (--bin_dtype), memory-mapped;
         a file that starts with llm.c's header (256 int32: magic 20240520, version, token count)
         records its own dtype: version 1 = uint16, version 2 = uint32.
+Memory-mapped files are never read whole: the ranks of a node share their pages in the OS's
+cache, and their ids are checked as the loader draws them (a scan of every id would cost every
+rank a pass over the corpus at start-up).
 """
 
 import pickle
@@ -244,9 +250,29 @@ def _read_bin(path, bin_dtype):
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
 
 
+def outside_vocabulary(name, bad, vocab_size):
+    if bad < 0:
+        hint = "ids cannot be negative"
+    else:
+        hint = f"tokenize for this vocabulary, or pass --vocab_size {bad + 1} or more"
+    return TokenFileError(
+        f"{name}: token id {bad} is outside the model's vocabulary of {vocab_size} "
+        f"(ids 0..{vocab_size - 1}); {hint}"
+    )
+
+
+def check_ids(ids, vocab_size, name):
+    """Raise TokenFileError if an id is not a row of the embedding table."""
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise outside_vocabulary(name, low if low < 0 else high, vocab_size)
+
+
 def load_tokens(path, vocab_size, bin_dtype=None):
-    """Read a token file into a 1-D integer array (memory-mapped for .npy and .bin) and check
-    that every id is a row of the embedding table. Raises TokenFileError with a one-line message."""
+    """Read a token file into a 1-D integer array (memory-mapped for .npy and .bin). A .pkl,
+    loaded whole anyway, has every id checked against the vocabulary here; a memory-mapped file
+    is checked batch by batch by the DistributedDataLoader. Raises TokenFileError with a one-line
+    message."""
     path = Path(path)
     readers = {".pkl": _read_pickle, ".npy": _read_npy, ".bin": lambda p: _read_bin(p, bin_dtype)}
     if path.suffix not in readers:
@@ -256,13 +282,8 @@ def load_tokens(path, vocab_size, bin_dtype=None):
     ids = readers[path.suffix](path)
     if len(ids) == 0:
         raise TokenFileError(f"{path}: holds no tokens")
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise TokenFileError(
-            f"{path}: token id {bad} is outside the model's vocabulary of {vocab_size} "
-            f"(ids 0..{vocab_size - 1}); tokenize for this vocabulary or pick a larger preset"
-        )
+    if not isinstance(ids, np.memmap):
+        check_ids(ids, vocab_size, path)
     return ids
 
 
@@ -277,11 +298,15 @@ class DistributedDataLoader:
 
     The position is one number, the batches taken so far, the same on every rank: saving it in
     the checkpoint and loading it back continues with exactly the batches an uninterrupted run
-    would see.
+    would see. With vocab_size, every window's ids are checked as it is drawn (TokenFileError).
     """
 
-    def __init__(self, tokens, batch_size, seq_len, rank, world_size, name="the stream"):
+    def __init__(
+        self, tokens, batch_size, seq_len, rank, world_size, name="the stream", vocab_size=None
+    ):
         self.tokens = tokens
+        self.name = name
+        self.vocab_size = vocab_size
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.rank = rank
@@ -301,7 +326,10 @@ class DistributedDataLoader:
         window = self.batch_size * self.seq_len
         step = self.batches_taken % self.steps_per_pass
         start = (step * self.world_size + self.rank) * window
-        chunk = torch.from_numpy(self.tokens[start : start + window + 1].astype(np.int64))
+        ids = self.tokens[start : start + window + 1].astype(np.int64)
+        if self.vocab_size is not None:  # a few thousand ids: nothing next to a training step
+            check_ids(ids, self.vocab_size, self.name)
+        chunk = torch.from_numpy(ids)
         self.batches_taken += 1
         x = chunk[:-1].view(self.batch_size, self.seq_len)
         y = chunk[1:].view(self.batch_size, self.seq_len)

@@ -10,7 +10,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from helpers import PYTHON, load_script, run, script
+from helpers import PYTHON, import_step, load_script, run, script
 
 D = load_script("06_llama_ddp/data.py", "llama_data")
 
@@ -443,5 +443,82 @@ def test_make_toy_data_writes_the_same_stream_in_every_format(tmp_path):
     missing = run([PYTHON, script("06_llama_ddp/make_toy_data.py"), "--input", tmp_path / "no"])
     assert missing.returncode != 0
     assert missing.stderr == (
-        f"make_toy_data.py: error: {tmp_path / 'no'} is not a file; give a UTF-8 text file\n"
+        f"make_toy_data.py: error: --input {tmp_path / 'no'} does not exist; "
+        "give a text file or a folder\n"
     )
+
+
+def test_make_toy_data_streams_a_folder_into_one_stream_with_byte_0_between_files(tmp_path):
+    folder = tmp_path / "texts"
+    (folder / "sub").mkdir(parents=True)
+    files = {"a.txt": b"first file\n" * 30, "b.md": b"second" * 40, "sub/c.py": b"x = 1\n" * 50}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    (folder / "skipped.bin").write_bytes(b"not text")
+    toy = load_script("06_llama_ddp/make_toy_data.py", "toy_data")
+    toy.BLOCK = 7  # files copied 7 bytes at a time: blocks straddle files and the split
+    toy.main(["--input", str(folder), "--out_dir", str(tmp_path), "--formats", "bin", "npy", "pkl"])
+    stream = b"\0".join(files[n] for n in ["a.txt", "b.md", "sub/c.py"])
+    for fmt in ("bin", "npy", "pkl"):
+        train = D.load_tokens(tmp_path / f"train.{fmt}", 256)
+        val = D.load_tokens(tmp_path / f"val.{fmt}", 256)
+        assert bytes(np.concatenate([train, val]).astype(np.uint8)) == stream, fmt
+        assert len(val) == int(len(stream) * 0.1)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_list_of_documents_is_one_stream_with_nothing_put_between_them(tmp_path):
+    """No id separates documents in every vocabulary, so the loader adds none: a document ends
+    with the end-of-text id its tokenizer gives it (make_toy_data.py: byte 0 between files)."""
+    path = tmp_path / "docs.pkl"
+    path.write_bytes(pickle.dumps([[5, 6, 0], np.array([7, 0], dtype=np.uint16), [8]]))
+    assert D.load_tokens(path, vocab_size=256).tolist() == [5, 6, 0, 7, 0, 8]
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".npy"])
+def test_memory_mapped_files_are_not_scanned_and_a_bad_id_is_refused_when_drawn(tmp_path, suffix):
+    """A memory-mapped file is never read whole at start-up (every rank would read the whole
+    corpus): its ids are checked as the loader draws them, before they reach the embedding (on
+    CUDA a device-side assert). Here the bad id sits in the third window only."""
+    ids = np.arange(100, dtype=np.uint16) % 256
+    ids[-5] = 300
+    path = tmp_path / f"tokens{suffix}"
+    ids.tofile(path) if suffix == ".bin" else np.save(path, ids)
+    tokens = D.load_tokens(path, vocab_size=256)  # no scan: no error yet
+    loader = D.DistributedDataLoader(tokens, 2, 16, 0, 1, name=str(path), vocab_size=256)
+    take(loader, 2)
+    with pytest.raises(D.TokenFileError) as refused:
+        loader.next_batch()
+    assert str(refused.value) == (
+        f"{path}: token id 300 is outside the model's vocabulary of 256 (ids 0..255); "
+        "tokenize for this vocabulary, or pass --vocab_size 301 or more"
+    )
+
+
+def import_train06():
+    return import_step("06_llama_ddp", "train")
+
+
+def test_the_vocabulary_comes_from_a_flag_not_only_from_the_preset(tmp_path):
+    """Ids up to 299 with the tiny preset (256 byte ids): refused in one line that names the
+    flag; with --vocab_size 320 the tiny model trains on them."""
+    train = import_train06()
+    ids = np.random.default_rng(0).integers(0, 300, 4000)
+    ids[7] = 299
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.pkl").write_bytes(pickle.dumps(ids.tolist()))
+    args = ["--train_file", tmp_path / "train.pkl", "--valid_file", tmp_path / "val.pkl"]
+    args += ["--preset", "tiny", "--seq_len", 16, "--batch_size", 2, "--max_steps", 1]
+    args += ["--eval_batches", 1, "--sample_every", 0, "--peak_flops", 1e12, "--device", "cpu"]
+    args = [str(a) for a in args + ["--out_dir", tmp_path / "out"]]
+    with pytest.raises(SystemExit) as refused:
+        train.main(args)
+    assert refused.value.code == (
+        f"train.py: error: {tmp_path / 'train.pkl'}: token id 299 is outside the model's "
+        "vocabulary of 256 (ids 0..255); tokenize for this vocabulary, or pass --vocab_size 300 "
+        "or more"
+    )
+    train.main([*args, "--vocab_size", "320"])
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["config"]["vocab_size"] == 320 and ckpt["config"]["dim"] == 64  # tiny's width
+    assert ckpt["model"]["tok_embeddings.weight"].shape == (320, 64)

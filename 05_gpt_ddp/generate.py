@@ -2,6 +2,9 @@
 
     python 05_gpt_ddp/generate.py --checkpoint 05_gpt_ddp/out/ckpt.pt --prompt "def main(" \
         --max_new_tokens 200 --temperature 0.8 --top_k 50
+
+Only the weights are read: the checkpoint is memory-mapped on the CPU and its optimizer state
+(AdamW's two moments, twice the weights) is never loaded, nor moved to the GPU.
 """
 
 import argparse
@@ -17,7 +20,12 @@ PROG = "generate.py"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, required=True, help="ckpt.pt written by train.py")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="written by train.py: out/ckpt.pt (the last save) or out/best.pt (best val loss)",
+    )
     p.add_argument("--prompt", default="\n", help="text to continue")
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0: always the likeliest token")
@@ -37,22 +45,31 @@ def parse_args(argv=None):
     return args
 
 
+def load_weights(path):
+    """The checkpoint without its optimizer state. mmap: tensors stay in the file until read, so
+    the AdamW states (twice the weights) never reach memory; and the CPU, not the GPU, holds
+    what is read until the model copies its weights from it."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # missing, truncated, or not a torch file
+        sys.exit(f"{PROG}: error: cannot read checkpoint {path} ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        sys.exit(f"{PROG}: error: {path} is not a checkpoint written by train.py")
+    ckpt.pop("optimizer", None)  # keep no reference to it
+    return ckpt
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    try:
-        ckpt = torch.load(args.checkpoint, map_location=device, weights_only=True)
-    except Exception as e:  # missing, truncated, or not a torch file
-        sys.exit(f"{PROG}: error: cannot read checkpoint {args.checkpoint} ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        sys.exit(f"{PROG}: error: {args.checkpoint} is not a checkpoint written by train.py")
-
-    model = GPT(GPTConfig(**ckpt["config"]))
+    ckpt = load_weights(args.checkpoint)
+    with torch.device(device):  # built on the device: its only copy of the weights
+        model = GPT(GPTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])  # saved unwrapped, so no DDP/compile key prefixes
-    model.to(device).eval()
+    model.eval()
 
     encode, _, separator, token_bytes = load_tokenizer(ckpt["tokenizer"], PROG)
-    prompt = encode(args.prompt)
+    prompt = [int(t) for t in encode(args.prompt)]  # a list or an array, whichever encode gives
     if not prompt:
         sys.exit(f"{PROG}: error: --prompt is empty")
     idx = torch.tensor([prompt] * args.num_samples, device=device)

@@ -206,7 +206,7 @@ def memory_estimate(cfg, n_params, batch_size, seq_len, dtype, activation_checkp
     allocator's slack (report.py adds those before it says "fits").
     """
     d, V = cfg.n_embd, cfg.vocab_size
-    a = 2 if dtype == "bf16" else 4  # bytes per element of what the matmuls read and write
+    a = 2 if dtype in ("bf16", "fp16") else 4  # bytes per element the matmuls read and write
     mask = 1 if cfg.dropout > 0 else 0  # bytes per element of a dropout mask on CUDA
     per_layer = d * (
         4 + 4  # the inputs of ln1 and ln2: the residual stream, fp32 even under autocast
@@ -231,7 +231,7 @@ def memory_estimate(cfg, n_params, batch_size, seq_len, dtype, activation_checkp
         "gradients (fp32)": 4 * n_params,
         "AdamW states (fp32 m, v)": 8 * n_params,
         # autocast casts each matmul weight once per forward and keeps it for backward
-        "bf16 weight copies (autocast)": 2 * matmul_weights if dtype == "bf16" else 0,
+        "bf16 weight copies (autocast)": 2 * matmul_weights if a == 2 else 0,
         "activations": batch_size * seq_len * activations,
         # the logits (train.py holds them through backward), the fp32 log-probabilities that
         # cross_entropy saves, and the two fp32 gradients backward begins with

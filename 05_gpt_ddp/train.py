@@ -19,6 +19,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import checkpoint
+import cluster
 import numpy as np
 import report
 import torch
@@ -43,7 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", type=Path, default=HERE / "out", help="checkpoint, metrics, plots")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument(
-        "--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA only"
+        "--dtype",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="auto: bf16 on CUDA only; fp16 (with loss scaling): for GPUs without bf16",
     )
     p.add_argument("--batch_size", type=int, default=16, help="sequences per micro-batch per rank")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -56,30 +61,41 @@ def parse_args(argv=None):
     p.add_argument("--eval_every", type=int, default=100, help="validate every N steps")
     p.add_argument("--eval_batches", type=int, default=20, help="validation batches per rank")
     p.add_argument("--sample_every", type=int, default=500, help="0: never print samples")
-    p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps")
+    p.add_argument("--save_every", type=int, help="checkpoint every N steps; unset: --eval_every")
     p.add_argument("--log_every", type=int, default=10, help="print every N steps")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt if any")
+    p.add_argument(
+        "--timeout", type=float, default=600, help="seconds a collective waits for all ranks"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--activation_checkpointing", action="store_true", help="less memory, +1/3 time")
     p.add_argument("--peak_flops", type=float, help="device FLOP/s for MFU (unset: table/measured)")
     p.add_argument("--seed", type=int, default=1337, help="weights, batches, dropout")
+    p.add_argument("--tensorboard", action="store_true", help="metrics also as TensorBoard events")
+    p.add_argument("--plan", metavar="GPU", help='print the memory plan for "H100 80GB", "24GB"...')
+    p.add_argument("--plan_world_size", type=int, default=8, help="ranks that --plan assumes")
     args = p.parse_args(argv)
+    if args.save_every is None:  # a checkpoint at every evaluation, best.pt among them
+        args.save_every = args.eval_every
     positive = ["batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches"]
-    for name in positive + ["save_every", "log_every"]:
+    for name in positive + ["save_every", "log_every", "plan_world_size"]:
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
     if args.lr <= 0 or min(args.warmup_steps, args.sample_every, args.seed, args.grad_clip) < 0:
         p.error("--lr must be positive; --warmup_steps, --sample_every, --seed, --grad_clip >= 0")
+    if args.tensorboard and report.tensorboard_missing():
+        p.error(report.tensorboard_missing())
+    if args.plan and args.dtype == "auto":  # a plan for a GPU, made on any machine
+        args.dtype = "bf16"
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda, but PyTorch sees no CUDA GPU; use --device cpu")
+        causes = cluster.no_gpu_causes()
+        p.error(f"--device cuda, but PyTorch sees no GPU: {causes}; or use --device cpu")
     if args.dtype == "auto":
         # fp32 on CPU: exact and alike on every CPU. bf16 matmuls are fast only on CPUs with
         # bf16 instructions (AVX512-BF16, AMX); elsewhere autocast is many times slower.
         args.dtype = "bf16" if args.device == "cuda" else "fp32"
-    if args.dtype == "bf16" and args.device == "cuda" and not torch.cuda.is_bf16_supported():
-        p.error("this GPU has no bf16 support (pre-Ampere); use --dtype fp32")
     return args
 
 
@@ -92,7 +108,9 @@ def rng(*keys):
     return np.random.default_rng(list(keys))
 
 
-def load_split(data_dir, split, block_size, vocab_size):
+def load_split(data_dir, split, block_size, meta):
+    """The token file as a memmap, checked against meta.json without reading it: its cost does not
+    grow with the corpus (a scan of every id, on every rank, would)."""
     path = data_dir / f"{split}.bin"
     if not path.is_file():
         fail(f"{path} not found; run prepare.py --data_dir {data_dir} first")
@@ -104,24 +122,39 @@ def load_split(data_dir, split, block_size, vocab_size):
             f"{path} holds {n_tokens} tokens, fewer than one block of {block_size + 1}; "
             "prepare more text or choose a preset with a smaller block_size"
         )
-    # a memmap reads only the windows we index, so the file may be larger than RAM
-    tokens = np.memmap(path, dtype=np.uint16, mode="r")
-    if tokens.max() >= vocab_size:  # one pass over the file: better now than a crash mid-run
+    if n_tokens != meta[f"{split}_tokens"]:  # a copy cut short, or a file of another run
+        fail(
+            f"{path} holds {n_tokens} tokens, meta.json says {meta[f'{split}_tokens']}; "
+            "run prepare.py again"
+        )
+    vocab_size = meta["vocab_size"]
+    if meta["max_id"] >= vocab_size:  # prepare.py counted the ids: no need to read them here
         fail(f"{path} has ids past meta.json's vocabulary of {vocab_size}; run prepare.py again")
-    return tokens
+    # a memmap reads only the windows we index, so the file may be larger than RAM
+    return np.memmap(path, dtype=np.uint16, mode="r")
 
 
 def load_meta(data_dir):
     path = data_dir / "meta.json"
     if not path.is_file():
         fail(f"{path} not found; run prepare.py --data_dir {data_dir} first")
-    return json.loads(path.read_text())
+    meta = json.loads(path.read_text())
+    if meta.get("format") != 2:  # 2: with the token counts and max id that load_split checks
+        fail(f"{path} is from an older prepare.py; run prepare.py --data_dir {data_dir} again")
+    return meta
 
 
-def get_batch(tokens, batch_size, block_size, device, *keys):
+def get_batch(tokens, batch_size, block_size, device, *keys, vocab_size=None):
     """batch_size random windows of block_size + 1 tokens; inputs and next-token targets."""
     starts = rng(*keys).integers(0, len(tokens) - block_size - 1, size=batch_size)
     windows = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64)
+    # a few thousand ids, checked on the CPU: an id past the embedding would be a device-side
+    # assert on CUDA. Start-up trusts meta.json; this catches files changed since.
+    if vocab_size is not None and windows.max() >= vocab_size:
+        fail(
+            f"token id {windows.max()} in a batch is past the model's vocabulary of {vocab_size}: "
+            "the token files changed after prepare.py wrote them; run prepare.py again"
+        )
     batch = torch.from_numpy(windows)
     if device.type == "cuda":  # pinned memory lets the copy overlap with compute
         batch = batch.pin_memory().to(device, non_blocking=True)
@@ -147,8 +180,9 @@ def make_optimizer(model, lr, weight_decay, device):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def forward_backward(model, micro_batches, autocast):
-    """Sum the gradients of all micro-batches into .grad; return their mean loss.
+def forward_backward(model, micro_batches, autocast, scaler=None):
+    """Sum the gradients of all micro-batches into .grad; return their mean loss. With an fp16
+    GradScaler the gradients are those of the loss times its scale (unscale_ divides it out).
 
     DDP all-reduces gradients while backward runs. Inside no_sync() it only accumulates them
     locally, so all micro-batches but the last skip communication: one all-reduce per optimizer
@@ -164,7 +198,7 @@ def forward_backward(model, micro_batches, autocast):
                 _, loss = model(x, y)
             # each loss is a mean over its micro-batch; dividing by n makes the summed gradient
             # the gradient of the mean over all n micro-batches, as if they were one big batch
-            (loss / n).backward()
+            (loss / n if scaler is None else scaler.scale(loss / n)).backward()
         total += loss.detach()
     return total / n
 
@@ -176,7 +210,9 @@ def evaluate(model, tokens, args, block_size, device, autocast, rank):
     total = torch.zeros(2, device=device)  # sum of batch losses, number of batches
     for i in range(args.eval_batches):
         keys = (args.seed, VAL_STREAM, rank, i)  # the same batches at every evaluation
-        x, y = get_batch(tokens, args.batch_size, block_size, device, *keys)
+        x, y = get_batch(
+            tokens, args.batch_size, block_size, device, *keys, vocab_size=model.cfg.vocab_size
+        )
         with autocast:
             _, loss = model(x, y)
         total += torch.stack([loss.float(), torch.ones((), device=device)])
@@ -203,26 +239,8 @@ def sample(model, meta, device, autocast, seed, n_tokens=200):
     return decode(out[0, 1:].tolist(), meta)
 
 
-def save_checkpoint(path, state):
-    # temp file, fsync, rename, fsync the folder: no half-written or lost ckpt.pt after a power cut
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)  # flushes f at the end: every byte is with the OS
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if os.name == "posix":  # Windows cannot open a folder to fsync it (as in steps 01-04)
-        directory = os.open(path.parent, os.O_RDONLY)
-        os.fsync(directory)
-        os.close(directory)
-
-
-def load_checkpoint(path, device, cfg, preset):
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated file, not a zip archive, disallowed pickled objects...
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}); move it away to start fresh")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        fail(f"{path} is not a 05_gpt_ddp checkpoint; use another --out_dir")
+def load_checkpoint(path, cfg, preset):
+    ckpt = checkpoint.load(path)
     if ckpt["config"] != asdict(cfg):
         fail(
             f"{path} holds a '{ckpt['preset']}' model (vocabulary {ckpt['config']['vocab_size']})"
@@ -230,20 +248,6 @@ def load_checkpoint(path, device, cfg, preset):
             f"use --preset {ckpt['preset']} and the same data, or another --out_dir"
         )
     return ckpt
-
-
-def check_ranks_agree(device, ckpt_path, **start):
-    """Stop in one line, not a hang, if ranks would resume from different points: ckpt.pt seen
-    by some ranks only (per-node disks, a stale network filesystem view after a restart)."""
-    low = torch.tensor(list(start.values()), device=device)
-    high = low.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if not torch.equal(low, high):
-        dist.destroy_process_group()
-        seen = zip(start, low.tolist(), high.tolist(), strict=True)
-        seen = "; ".join(f"{k} {a} on some ranks, {b} on others" for k, a, b in seen if a != b)
-        fail(f"ranks disagree on where to resume ({seen}): all must read the same {ckpt_path}")
 
 
 def main(argv=None):
@@ -255,25 +259,31 @@ def main(argv=None):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)  # before init_process_group, so NCCL uses this GPU
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
+        # after set_device, so it asks this GPU; emulated bf16 (pre-Ampere) counts as none
+        if args.dtype == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            fail("this GPU has no bf16 support (pre-Ampere); use --dtype fp16 or --dtype fp32")
     else:
         device = torch.device("cpu")
 
+    if args.plan:  # for a GPU, on any machine: GPT-2's vocabulary padded, no data, no group
+        cfg = config_for(args.preset, vocab_size=50304)
+        return report.print_plan(args, cfg, GPT, cfg.block_size)
     # everything that can fail on bad input is checked before the process group exists
     meta = load_meta(args.data_dir)
     # pad the vocabulary to a multiple of 64: matmul kernels prefer round shapes
     cfg = config_for(args.preset, vocab_size=(meta["vocab_size"] + 63) // 64 * 64)
-    train_tokens = load_split(args.data_dir, "train", cfg.block_size, meta["vocab_size"])
-    val_tokens = load_split(args.data_dir, "val", cfg.block_size, meta["vocab_size"])
+    train_tokens = load_split(args.data_dir, "train", cfg.block_size, meta)
+    val_tokens = load_split(args.data_dir, "val", cfg.block_size, meta)
     ckpt_path = args.out_dir / "ckpt.pt"
+    best_path = args.out_dir / "best.pt"  # the lowest validation loss so far, beside the last
     ckpt = None
     if ckpt_path.exists():
         if not args.resume:
             fail(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out_dir")
-        ckpt = load_checkpoint(ckpt_path, device, cfg, args.preset)
+        ckpt = load_checkpoint(ckpt_path, cfg, args.preset)
 
     if distributed:
-        backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
-        dist.init_process_group(backend)
+        cluster.init_process_group(device, args.timeout)
     master = rank == 0
 
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts them)
@@ -285,7 +295,6 @@ def main(argv=None):
     start_step = 0
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
         start_step = ckpt["step"]
         if master:
             print(f"resuming from {ckpt_path} at step {start_step}")
@@ -294,10 +303,9 @@ def main(argv=None):
                     f"note: saved with {ckpt['world_size']} ranks, now {world_size}: "
                     "the batches differ from an uninterrupted run"
                 )
-        del ckpt  # free its copy of the weights
     model = torch.compile(raw_model) if args.compile else raw_model
     if distributed:
-        check_ranks_agree(device, ckpt_path, step=start_step)
+        checkpoint.check_ranks_agree(device, ckpt_path, step=start_step)
         # gradient_as_bucket_view: .grad tensors are views into DDP's buckets, not a second copy of
         # all gradients (5.7 GB at 1.42B parameters).
         model = DDP(
@@ -308,7 +316,22 @@ def main(argv=None):
         # no buffer broadcast at every step: ours never change (05 has none, 06 its RoPE tables),
         # unlike BatchNorm's statistics. Set as an attribute: torch 2.13 deprecates the argument.
         model.broadcast_buffers = False
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    half = torch.float16 if args.dtype == "fp16" else torch.bfloat16
+    autocast = torch.autocast(device.type, dtype=half, enabled=args.dtype in ("bf16", "fp16"))
+    # fp16 gradients underflow to 0 without a loss scale; bf16 has fp32's range and needs none
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
+    if distributed:
+        cluster.build_ddp_buckets(
+            model, cfg.vocab_size, args.batch_size, cfg.block_size, device, autocast
+        )
+    best_val = checkpoint.best_so_far(ckpt)
+    if ckpt is not None:  # AdamW's state only now: it did not exist while DDP regrouped
+        changed = checkpoint.load_optimizer(optimizer, ckpt["optimizer"])
+        if master and changed:
+            print(f"note: this run's optimizer settings, not the saved ones: {', '.join(changed)}")
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])  # the loss scale, so the resume stays exact
+        del ckpt  # free its copy of the weights
 
     n_params = num_params(raw_model)
     tokens_per_step = args.batch_size * cfg.block_size * args.grad_accum * world_size
@@ -321,16 +344,20 @@ def main(argv=None):
             f"{tokens_per_step:,} tokens per step = {args.batch_size} batch x "
             f"{cfg.block_size} context x {args.grad_accum} accum x {world_size} ranks"
         )
-        report.print_memory_estimate(cfg, n_params, args, cfg.block_size, device)
+        report.print_memory_estimate(cfg, n_params, args, cfg.block_size, device, world_size)
+        report.print_data_passes("train.bin", len(train_tokens), tokens_per_step, args.max_steps)
         log = report.TrainingLog(args, start_step, tokens_per_step, flops_token, world_size, device)
+        saver = checkpoint.BackgroundSaver(max_wait=args.timeout / 2)
 
-    def checkpoint_state(step):
+    def checkpoint_state(step, best_val_loss):
         return {
             "format": CHECKPOINT_FORMAT,
             "model": raw_model.state_dict(),  # the unwrapped model: no module./_orig_mod. keys
             "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),  # {} unless --dtype fp16
             # with the args (schedule, seed), step fixes the LR, the data position and the RNGs
             "step": step,
+            "best_val_loss": best_val_loss,
             "world_size": world_size,
             "preset": args.preset,
             "config": asdict(cfg),
@@ -343,7 +370,8 @@ def main(argv=None):
         last = step >= args.max_steps
         # a resumed run evaluated, sampled and saved its starting step before it stopped
         new_step = step == 0 or step > start_step
-        if new_step and (step % args.eval_every == 0 or last):
+        evaluated = new_step and (step % args.eval_every == 0 or last)
+        if evaluated:
             val_loss = evaluate(raw_model, val_tokens, args, cfg.block_size, device, autocast, rank)
             if master:
                 log.validation(step, val_loss)
@@ -351,8 +379,16 @@ def main(argv=None):
             if args.sample_every and (step % args.sample_every == 0 or last):
                 text = sample(raw_model, meta, device, autocast, seed=0)
                 print(f"--- sample at step {step} ---\n{text}\n---")
-            if step % args.save_every == 0 or last:
-                save_checkpoint(ckpt_path, checkpoint_state(step))
+            paths = [ckpt_path] if step % args.save_every == 0 or last else []
+            if evaluated and val_loss < best_val:
+                paths.append(best_path)
+            if paths:
+                state = checkpoint_state(step, val_loss if best_path in paths else best_val)
+                if saver.save(state, paths, final=last):
+                    best_val = state["best_val_loss"]  # only once best.pt is on its way
+                    print(f"step {step:5d} | saving {' and '.join(map(str, paths))}")
+                else:
+                    print(f"step {step:5d} | not saved: the last checkpoint is still being written")
                 log.plot()
         if last:
             break
@@ -365,15 +401,21 @@ def main(argv=None):
         # dropout masks from a seed that depends on (seed, rank, step) only: same after a resume
         torch.manual_seed(int(rng(args.seed, DROPOUT_STREAM, rank, step).integers(2**62)))
         keys = (args.seed, TRAIN_STREAM, rank, step)  # this step's windows, the same on resume
+        shape = (args.batch_size, cfg.block_size)
         micro_batches = [
-            get_batch(train_tokens, args.batch_size, cfg.block_size, device, *keys, micro)
+            get_batch(train_tokens, *shape, device, *keys, micro, vocab_size=cfg.vocab_size)
             for micro in range(args.grad_accum)
         ]
         t_data = time.perf_counter() - t0
-        loss = forward_backward(model, micro_batches, autocast)
+        loss = forward_backward(model, micro_batches, autocast, scaler)
+        scaler.unscale_(optimizer)  # fp16: the true gradients, before the norm is clipped
         max_norm = args.grad_clip or math.inf  # 0: infinity, never clips (but gives the norm)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
-        optimizer.step()
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # fp16: skipped if a gradient is inf/nan (the same on every rank)
+        scaler.update()
+        if master and scaler.get_scale() < scale:
+            print(f"step {step + 1:5d} | fp16 overflow: skipped; loss scale {scaler.get_scale():g}")
         # in place, not set_to_none: .grad stays a view into DDP's buckets; new .grad tensors in
         # the next no_sync() micro-steps would be a second full copy of the gradients
         optimizer.zero_grad(set_to_none=False)
@@ -385,15 +427,17 @@ def main(argv=None):
 
     if master:
         log.close()
-        print(f"done: {ckpt_path}, {args.out_dir / 'metrics.csv'}, {args.out_dir / 'loss.png'}")
     if distributed:
-        # wait for rank 0's final checkpoint and plot before anyone tears down (with gloo this
-        # also makes a rare abort at exit rarer: see docs/gloo_exit_abort.md)
+        # every rank is done before anyone tears down (with gloo this also makes a rare abort at
+        # exit rarer: see docs/gloo_exit_abort.md); rank 0's last write goes on after it
         dist.barrier()
         dist.destroy_process_group()
         # workaround (PyTorch 2.13, gloo): give gloo's threads a moment to let go of their last
         # tensors before Python shuts down, or the process can abort after its work is done
         time.sleep(0.1)
+    if master:
+        saver.finish()  # no collective is left that another rank could wait in
+        print(f"done: {ckpt_path}, {args.out_dir / 'metrics.csv'}, {args.out_dir / 'loss.png'}")
 
 
 if __name__ == "__main__":

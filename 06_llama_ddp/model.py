@@ -252,7 +252,7 @@ def memory_estimate(cfg, n_params, batch_size, seq_len, dtype, activation_checkp
     """
     d, f, V = cfg.dim, cfg.ffn_dim, cfg.vocab_size
     kv = cfg.n_kv_heads * (cfg.dim // cfg.n_heads)  # width of k and v
-    half = dtype == "bf16"
+    half = dtype in ("bf16", "fp16")
     a = 2 if half else 4  # bytes per element of what the matmuls read and write
     per_layer = (
         2 * 8 * d  # each RMSNorm keeps its fp32 input and the normalised x (before the gain)

@@ -11,36 +11,18 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, load_script, start, stop, torchrun
+from helpers import ROOT, import_step, load_script, start, stop, torchrun, worker_env
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 STEPS = ["05_gpt_ddp", "06_llama_ddp"]
 
 
-def import_train(folder):
-    """folder/train.py, imported with its own model.py, report.py (and data.py) as the modules
-    it imports by those names; whatever sat in sys.modules under them before is put back."""
-    names = [n for n in ("model", "report", "data") if (ROOT / folder / f"{n}.py").exists()]
-    saved = {name: sys.modules.get(name) for name in names}
-    try:
-        for name in names:
-            sys.modules[name] = load_script(f"{folder}/{name}.py", f"edges_{folder}_{name}")
-        return load_script(f"{folder}/train.py", f"edges_{folder}_train")
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                del sys.modules[name]
-            else:
-                sys.modules[name] = module
-
-
-TRAIN = {folder: import_train(folder) for folder in STEPS}
+TRAIN = {folder: import_step(folder, "train") for folder in STEPS}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +89,7 @@ def finish(procs, timeout):
 
 
 @pytest.mark.parametrize("folder", STEPS)
-def test_save_checkpoint_fsyncs_the_file_then_renames_then_fsyncs_the_directory(
+def test_checkpoint_write_fsyncs_the_file_then_renames_then_fsyncs_the_directory(
     folder, tmp_path, monkeypatch
 ):
     calls = []
@@ -124,7 +106,7 @@ def test_save_checkpoint_fsyncs_the_file_then_renames_then_fsyncs_the_directory(
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     ckpt = tmp_path.resolve() / "ckpt.pt"
-    TRAIN[folder].save_checkpoint(ckpt, {"weights": torch.arange(1000)})
+    TRAIN[folder].checkpoint.write_atomically(ckpt, {"weights": torch.arange(1000)})
 
     size = ckpt.stat().st_size
     tmp = f"{ckpt}.tmp"
@@ -268,17 +250,24 @@ def test_a_checkpoint_seen_by_one_rank_only_stops_in_one_line(data, tmp_path):
 PROBE = '''
 """Run a step's train.py main() on this rank with probes; write what they saw to probe<rank>.json:
 the dropout masks of every training forward, where each .grad lay after each no_sync()
-micro-step, and the buffer broadcasts DDP made after its start."""
+micro-step, the buffer broadcasts DDP made after its start, and how much the resident memory
+rose in each DDP pre-forward (where DDP regroups its buckets, once), between optimizer steps."""
 import contextlib, hashlib, json, os, sys
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 folder, out, *argv = sys.argv[1:]
 sys.path.insert(0, folder)
 import train
 
-seen = {"masks": [], "buffer_broadcasts": 0}
+seen = {"masks": [], "buffer_broadcasts": 0, "memory": []}  # memory: bytes, or "step"
+register_optimizer_step_post_hook(lambda *args: seen["memory"].append("step"))
+
+def status(field):  # bytes, from /proc/self/status
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
 events = []  # ("grads", storages after a no_sync() micro-step), ("bucket", storage), in order
 real_dropout = F.dropout
 
@@ -309,6 +298,14 @@ class ProbedDDP(train.DDP):
             return broadcast(*args, **kwargs)
 
         dist._broadcast_coalesced = counting_broadcast  # from here on: DDP's start is done
+
+    def _pre_forward(self, *args, **kwargs):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak resident set (VmHWM) starts again from now
+        before = status("VmRSS:")
+        result = super()._pre_forward(*args, **kwargs)
+        seen["memory"].append(status("VmHWM:") - before)
+        return result
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -341,7 +338,9 @@ def start_probed(folder, out, args):
     out.mkdir(parents=True)
     (out / "probe.py").write_text(PROBE)
     cmd = torchrun("--standalone", "--nproc-per-node=2", out / "probe.py", ROOT / folder, out)
-    return start([*cmd, *args, "--out_dir", out])
+    # every allocation of 64 kB or more is a fresh mapping, returned at its free: the resident
+    # memory follows what is allocated (glibc would otherwise keep freed blocks around)
+    return start([*cmd, *args, "--out_dir", out], env=worker_env(MALLOC_MMAP_THRESHOLD_=65536))
 
 
 # 06 with its "small" preset (40M parameters): large enough that a second copy of the gradients
@@ -447,9 +446,27 @@ def test_peak_memory_of_gradient_accumulation_holds_no_second_gradient_copy(prob
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["06_llama_ddp", "06 accum 1"])
+def test_ddp_regroups_its_buckets_before_the_optimizer_has_state(name, probed):
+    """DDP regroups its gradient buckets once, in a pre-forward, with the old and the new buckets
+    alive together: one extra copy of the gradients (4 bytes per parameter). train.py makes that
+    happen before the first optimizer step, while AdamW has no state (8 bytes per parameter), so
+    it stays under the training peak; left to DDP it comes in step 2, on top of that state."""
+    out, stdout, probes = probed[name]
+    param_bytes = float(re.search(r"([\d.]+)M parameters", stdout)[1]) * 1e6 * 4
+    for probe in probes:
+        events = probe["memory"]
+        regroups = [i for i, e in enumerate(events) if e != "step" and e > 0.5 * param_bytes]
+        assert len(regroups) == 1, events
+        assert regroups[0] < events.index("step"), events
+        assert events[regroups[0]] < 1.5 * param_bytes, events
+
+
+@pytest.mark.slow
 def test_dropout_masks_differ_between_steps_micro_steps_and_ranks(probed):
     _, _, probes = probed["05_gpt_ddp"]
-    forwards = [tuple(masks) for probe in probes for masks in probe["masks"]]
+    # the first two forwards of each rank are build_ddp_buckets' (random tokens, no step)
+    forwards = [tuple(masks) for probe in probes for masks in probe["masks"][2:]]
     assert len(forwards) == 2 * 2 * 2  # ranks x steps x micro-steps
     assert all(len(masks) == 5 for masks in forwards)  # embeddings, 2 per block
     assert len(set(forwards)) == len(forwards)

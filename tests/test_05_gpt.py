@@ -2,9 +2,6 @@
 
 import csv
 import json
-import os
-import signal
-import sys
 import textwrap
 
 import numpy as np
@@ -13,40 +10,17 @@ import torch
 from helpers import (
     PYTHON,
     free_port,
-    load_script,
+    import_step,
     run,
     script,
-    start,
-    stop,
     torchrun,
-    wait_for,
     worker_env,
-    worker_pids,
 )
 
 PREPARE, TRAIN, GENERATE = (script(f"05_gpt_ddp/{f}.py") for f in ("prepare", "train", "generate"))
 
 
-def import_step05():
-    """model.py, report.py and train.py imported by path. train.py does `import report` and
-    `from model import ...`; another step's files may already sit in sys.modules under those
-    names, so ours are put there while train.py loads, and the previous entries are restored."""
-    prepare = load_script("05_gpt_ddp/prepare.py", "gpt05_prepare")
-    saved = {name: sys.modules.get(name) for name in ("model", "report")}
-    try:
-        sys.modules["model"] = model = load_script("05_gpt_ddp/model.py", "gpt05_model")
-        sys.modules["report"] = report = load_script("05_gpt_ddp/report.py", "gpt05_report")
-        train = load_script("05_gpt_ddp/train.py", "gpt05_train")
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                del sys.modules[name]
-            else:
-                sys.modules[name] = module
-    return model, prepare, report, train
-
-
-M, PREP, REPORT, TRAIN_MOD = import_step05()
+M, PREP, REPORT, TRAIN_MOD = import_step("05_gpt_ddp", "model", "prepare", "report", "train")
 
 
 @pytest.fixture(scope="module")
@@ -300,49 +274,6 @@ def test_compiled_model_saves_plain_keys_that_generate_loads(tmp_path, data_dir)
     ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["model"].keys() == tiny_model().state_dict().keys()  # no "_orig_mod." prefix
     assert complete_def(out / "ckpt.pt", 10).startswith("def ")
-
-
-# 6 -------------------------------------------------------------------------------------------
-
-
-def train_cmd(data_dir, out, steps, *extra):
-    return torchrun(
-        "--standalone", "--nproc_per_node=2", *extra, TRAIN, "--preset", "tiny",
-        "--data_dir", data_dir, "--out_dir", out, "--max_steps", steps, "--batch_size", 4,
-        "--eval_every", steps, "--eval_batches", 2, "--save_every", 20, "--sample_every", 0,
-        "--log_every", 100, "--resume",
-    )  # fmt: skip
-
-
-@pytest.mark.slow
-def test_resume_after_sigkill_matches_uninterrupted_run_bit_for_bit(tmp_path, data_dir):
-    steps = 250  # long enough to be still running when a worker is killed
-    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
-    run(train_cmd(data_dir, clean, steps), timeout=300, check=True)
-
-    proc = start(train_cmd(data_dir, crashed, steps, "--max-restarts=1"))
-    try:
-        wait_for(lambda: (crashed / "ckpt.pt").exists(), 120, "the first checkpoint")
-        workers = wait_for(lambda: worker_pids(proc.pid), 30, "the workers")
-        saved_at = torch.load(crashed / "ckpt.pt", weights_only=True)["step"]
-        assert saved_at < steps, "the run finished before the kill: make it longer"
-        os.kill(max(workers), signal.SIGKILL)
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        stop(proc)
-    assert proc.returncode == 0, output[-3000:]
-    resumed = [line for line in output.splitlines() if line.startswith("resuming from")]
-    assert len(resumed) == 1 and int(resumed[0].split()[-1]) < steps, output[-3000:]
-
-    a, b = final_params(clean / "ckpt.pt"), final_params(crashed / "ckpt.pt")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert torch.load(crashed / "ckpt.pt", weights_only=True)["step"] == steps
-    # steps redone after the restart replace the crashed attempt's rows in metrics.csv
-    with open(crashed / "metrics.csv", newline="") as f:
-        logged = [int(r["step"]) for r in csv.DictReader(f) if r["train_loss"]]
-    assert logged == list(range(1, steps + 1))
 
 
 # 7 -------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""Step 06 training: 2-rank torchrun runs of the tiny Llama on toy .pkl files (loss, artifacts,
-exact resume after a SIGKILL), and the one-line errors of 06_llama_ddp/train.py on bad input."""
+"""Step 06 training: a 2-rank torchrun run of the tiny Llama on toy .pkl files (loss, artifacts),
+and the one-line errors of 06_llama_ddp/train.py on bad input. The exact resume after a SIGKILL,
+with 4 ranks: tests/test_05_06_cluster.py."""
 
 import csv
 import os
 import pickle
-import signal
 
 import pytest
 import torch
@@ -12,11 +12,7 @@ from helpers import (
     PYTHON,
     run,
     script,
-    start,
-    stop,
     torchrun,
-    wait_for,
-    worker_pids,
 )
 
 TRAIN = script("06_llama_ddp/train.py")
@@ -81,39 +77,6 @@ def test_two_ranks_learn_and_write_their_artifacts(toy_data, tmp_path):
     )
 
 
-@pytest.mark.slow
-def test_sigkill_and_restart_ends_bit_identical_to_an_uninterrupted_run(toy_data, tmp_path):
-    args = [*TINY, *data_args(toy_data), "--max_steps", "150", "--save_every", "10"]
-    args += ["--eval_every", "50", "--eval_batches", "2", "--resume"]
-    reference = run(two_ranks(*args, "--out_dir", tmp_path / "ref"), timeout=300)
-    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
-
-    out = tmp_path / "crashed"
-    restartable = ["--nproc-per-node=2", "--max-restarts=1"]
-    agent = start(two_ranks(*args, "--out_dir", out, torchrun_flags=restartable))
-    try:
-        wait_for(
-            lambda: (out / "ckpt.pt").exists() or agent.poll() is not None,
-            timeout=120,
-            what="the first checkpoint",
-        )
-        workers = wait_for(lambda: worker_pids(agent.pid), timeout=10, what="the workers")
-        assert agent.poll() is None, "the run ended before the crash"
-        os.kill(max(workers), signal.SIGKILL)  # one rank dies mid-run; torchrun restarts both
-        output, _ = agent.communicate(timeout=300)
-    finally:
-        stop(agent)
-    assert agent.returncode == 0, output[-3000:]
-    resumed_at = [int(line.split()[-1]) for line in output.splitlines() if "resuming from" in line]
-    assert resumed_at and 0 < resumed_at[0] < 150, output[-3000:]
-
-    expected, got = final_weights(tmp_path / "ref"), final_weights(out)
-    assert got["step"] == expected["step"] == 150
-    assert got["loader"] == expected["loader"]
-    for name, tensor in expected["model"].items():
-        assert torch.equal(got["model"][name], tensor), name
-
-
 def python_train(*args, tmp_path):
     return run([PYTHON, TRAIN, *TINY, "--out_dir", tmp_path / "out", *args], timeout=120)
 
@@ -128,6 +91,7 @@ def assert_one_line_error(result, message):
         assert result.stderr == last + "\n"
 
 
+@pytest.mark.slow
 def test_one_process_without_torchrun_trains_and_resumes(toy_data, tmp_path):
     common = [*data_args(toy_data), "--max_steps", "6", "--eval_every", "3", "--eval_batches", "2"]
     first = python_train(*common, tmp_path=tmp_path)
@@ -154,6 +118,7 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_clear_line(toy_data, tmp_path):
     """The file problems the readers detect (tests/test_06_data.py has them all) end train.py with
     one line and no traceback; a few of them here."""

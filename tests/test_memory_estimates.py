@@ -183,3 +183,17 @@ def test_grouped_query_attention_saves_keys_and_values_once():
     # per layer: attention keeps q and its output at all heads, k and v at the KV heads
     assert shapes.count((B, cfg.n_heads, T, head_dim)) == 2 * n_layers
     assert shapes.count((B, cfg.n_kv_heads, T, head_dim)) == 2 * n_layers
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_fp16_is_counted_as_the_two_bytes_it_is_like_bf16(name):
+    """--dtype fp16 autocasts to 2-byte halves as bf16 does: the same memory, not fp32's."""
+    module, build = CASES[name]
+    model, _, _ = build()
+    n_params = module.num_params(model)
+    for checkpointing in (False, True):
+        fp16, bf16, fp32 = (
+            module.memory_estimate(model.cfg, n_params, B, T, dtype, checkpointing)
+            for dtype in ("fp16", "bf16", "fp32")
+        )
+        assert fp16 == bf16 != fp32

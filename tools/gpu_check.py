@@ -15,6 +15,16 @@ of a steady step shows from the second on. On a GPU the table also shows the mos
 nvidia-smi saw in use during the run: the allocator's reserve, the CUDA context and NCCL on top
 of what PyTorch allocated, the margins train.py adds before it says "fits".
 
+What it does not measure: it runs one rank, so no NCCL communicator between ranks (its peer
+buffers, and on Hopper with more than 2 ranks its NVLS buffers: report.py adds 0.7 GB and 2.5 GB
+for those before it says "fits"), no all-reduce, and so no overlap of communication with backward
+and no scaling across GPUs.
+
+--budget is a hard limit on the whole check, start-up included: every wait (a run, stopping it,
+the GPU emptying, making the data) ends by then, and a run that cannot finish in time is skipped.
+nvidia-smi is asked about the GPU the runs use, by its UUID (nvidia-smi numbers GPUs its own way
+and ignores CUDA_VISIBLE_DEVICES).
+
 The table is printed, and written to --out and to $OUT/gpu_check.md when $OUT is set, with the
 log of every run next to it.
 """
@@ -38,6 +48,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROG = "gpu_check.py"
+STOP_GRACE = 5  # seconds for a run to end after SIGTERM, and again after SIGKILL
+RESERVE = 3 * STOP_GRACE  # what stopping a run and one last nvidia-smi call may take
+MIN_RUN = 20  # seconds: a run with less time than this left is skipped
+NOT_MEASURED = (
+    "not measured: one rank per run, so no NCCL between ranks (its peer and NVLS buffers, which "
+    "report.py adds before it says fits), no all-reduce, no overlap, no scaling"
+)
 COLUMNS = [
     "run", "peak allocated", "estimate", "peak / estimate", "GPU memory used (nvidia-smi)",
     "tokens/s", "MFU", "status",
@@ -94,7 +111,7 @@ def cpu_checks():
     ]
 
 
-def make_data(work, gpu, env):
+def make_data(work, gpu, env, deadline):
     """Token files for both steps from this Python's standard library, one token per byte. On a
     GPU, 05's meta.json then claims GPT-2's vocabulary (50,257) so that gpt-1.4b and gpt2-124m
     have their real sizes; byte ids are valid ids of any larger vocabulary."""
@@ -107,7 +124,7 @@ def make_data(work, gpu, env):
             [sys.executable, *map(str, cmd), "--max_bytes", "2000000" if gpu else "300000"],
             env=env,
             check=True,
-            timeout=120,
+            timeout=max(1, min(120, deadline - time.monotonic())),
             stdout=subprocess.DEVNULL,
         )
     if gpu:
@@ -135,16 +152,15 @@ def train_command(check, work, data, gpu):
     return [str(c) for c in [*torchrun, script, *files, *common, *check.args]], out_dir
 
 
-def gpu_memory_used_gb():
-    """Memory in use on GPU 0 as nvidia-smi reports it, or None without nvidia-smi."""
-    if not shutil.which("nvidia-smi"):
+def gpu_memory_used_gb(uuid):
+    """Memory in use on the GPU of this UUID as nvidia-smi reports it; None without nvidia-smi
+    or without a UUID (nvidia-smi's index 0 need not be CUDA's device 0)."""
+    if not uuid or not shutil.which("nvidia-smi"):
         return None
+    query = ["--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", uuid]
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-            capture_output=True,
-            text=True,
-            timeout=10,
+            ["nvidia-smi", *query], capture_output=True, text=True, timeout=STOP_GRACE
         ).stdout
         return float(out.strip().splitlines()[0]) * 2**20 / 1e9  # MiB
     except (subprocess.SubprocessError, ValueError, IndexError):
@@ -160,8 +176,8 @@ def train_rows(out_dir):
 
 
 def stop(proc):
-    """SIGTERM to the run's process group (torchrun forwards it), SIGKILL after 15 s."""
-    for sig, grace in [(signal.SIGTERM, 15), (signal.SIGKILL, 15)]:
+    """SIGTERM to the run's process group (torchrun forwards it), SIGKILL after STOP_GRACE s."""
+    for sig, grace in [(signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, STOP_GRACE)]:
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -185,7 +201,7 @@ def failure(log_text, returncode):
     )
 
 
-def measure(check, command, out_dir, log_path, env, timeout, gpu):
+def measure(check, command, out_dir, log_path, env, timeout, uuid):
     """Run one check and return its table row; a failed run is a row too, never an exception."""
     shutil.rmtree(out_dir, ignore_errors=True)
     row = {"run": check.name}
@@ -200,7 +216,7 @@ def measure(check, command, out_dir, log_path, env, timeout, gpu):
             rows = train_rows(out_dir)
             if len(rows) >= check.steps or proc.poll() is not None:
                 break
-            if gpu and (u := gpu_memory_used_gb()) is not None:
+            if (u := gpu_memory_used_gb(uuid)) is not None:
                 used.append(u)
             time.sleep(0.5)
         finished = len(rows) >= check.steps
@@ -226,7 +242,7 @@ def measure(check, command, out_dir, log_path, env, timeout, gpu):
         row["status"] = f"timed out after {timeout:.0f} s ({len(rows)} of {check.steps} steps)"
     if rows and "estimate" in row:
         row["peak / estimate"] = row["peak allocated"] / row["estimate"]
-    verdict = re.search(r" GB: (fits|does NOT fit)", log_text)  # train.py's, on a GPU
+    verdict = re.search(r"allocator slack.*: (fits|does NOT fit)", log_text)  # train.py's, on CUDA
     if verdict:
         row["status"] += f" (train.py said: {verdict.group(1)})"
     return row
@@ -253,50 +269,54 @@ def table(rows):
     return "\n".join(lines)
 
 
-def cuda_available():
+def cuda_available(timeout):
     """Asked in a child process too: see describe_machine."""
     try:
         out = subprocess.run(
             [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=timeout,
         ).stdout
     except subprocess.SubprocessError:
         return False
     return out.strip() == "True"
 
 
-def wait_for_gpu_to_empty(timeout=30):
+def wait_for_gpu_to_empty(uuid, timeout):
     """The next run's nvidia-smi reading must not include the last run's memory."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        used = gpu_memory_used_gb()
+        used = gpu_memory_used_gb(uuid)
         if used is None or used < 1.0:
             return
         time.sleep(0.5)
 
 
-def describe_machine(gpu, env):
-    """One line: date, device, PyTorch. The GPU is asked in a child process, so that this process
-    never holds a CUDA context (it would show in nvidia-smi's numbers)."""
+def describe_machine(gpu, env, timeout):
+    """(One line: date, device, PyTorch; the UUID of the GPU the runs use, or None). The GPU is
+    asked in a child process, so that this process never holds a CUDA context (it would show in
+    nvidia-smi's numbers). CUDA's device 0 is the first of CUDA_VISIBLE_DEVICES: its UUID is how
+    nvidia-smi finds the same card."""
     today = datetime.date.today().isoformat()
     if not gpu:
-        return f"{today} | {cpu_name()} | torch {importlib.metadata.version('torch')}"
+        return f"{today} | {cpu_name()} | torch {importlib.metadata.version('torch')}", None
     code = (
         "import json, torch\n"
         "p = torch.cuda.get_device_properties(0)\n"
         "print(json.dumps([f'{p.name}, {p.total_memory / 1e9:.1f} GB', torch.__version__,"
-        " torch.version.cuda]))\n"
+        " torch.version.cuda, str(p.uuid)]))\n"
     )
     try:
         result = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
         )
-        device, torch_version, cuda = json.loads(result.stdout)
+        device, torch_version, cuda, uuid = json.loads(result.stdout)
     except (subprocess.SubprocessError, ValueError):
-        device, torch_version, cuda = "unknown GPU", "?", "?"
-    return f"{today} | {device} | torch {torch_version}, CUDA {cuda}"
+        device, torch_version, cuda, uuid = "unknown GPU", "?", "?", None
+    if uuid and not uuid.startswith(("GPU-", "MIG-")):
+        uuid = "GPU-" + uuid  # nvidia-smi's spelling of the same UUID
+    return f"{today} | {device} | torch {torch_version}, CUDA {cuda}", uuid
 
 
 def cpu_name():
@@ -315,27 +335,30 @@ def main(argv=None):
         "--cpu", action="store_true", help="tiny presets on the CPU (default without CUDA)"
     )
     p.add_argument("--out", type=Path, help="also write the table to this file")
-    p.add_argument("--budget", type=float, default=450, help="seconds for all runs together")
+    p.add_argument(
+        "--budget", type=float, default=450, help="seconds for the whole check: a hard limit"
+    )
     p.add_argument("--work_dir", type=Path, help="for data and runs (default: a temporary folder)")
     p.add_argument("--only", nargs="+", metavar="TEXT", help="only the runs whose name has TEXT")
     args = p.parse_args(argv)
     if args.budget <= 0:
         p.error("--budget must be positive")
-    gpu = not args.cpu and cuda_available()
+    deadline = time.monotonic() + args.budget
+    gpu = not args.cpu and cuda_available(timeout=max(1, min(120, args.budget / 4)))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if not gpu:
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
     out_root = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
-    start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         logs = (out_root or work) / "gpu_check_logs"
         logs.mkdir(parents=True, exist_ok=True)
         mode = "" if gpu else " | CPU mode: tiny presets, fp32, peak = resident set, no --compile"
-        header = f"gpu_check.py | {describe_machine(gpu, env)}{mode}"
+        machine, uuid = describe_machine(gpu, env, max(1, min(120, deadline - time.monotonic())))
+        header = f"gpu_check.py | {machine}{mode}\n\n{NOT_MEASURED}"
         print(header, flush=True)
         try:
-            data = make_data(work, gpu, env)
+            data = make_data(work, gpu, env, deadline)
         except subprocess.SubprocessError as e:
             sys.exit(f"{PROG}: error: making the token files failed: {e}")
         checks = gpu_checks() if gpu else cpu_checks()
@@ -343,15 +366,15 @@ def main(argv=None):
             checks = [c for c in checks if any(text in c.name for text in args.only)]
         rows = []
         for check in checks:
-            left = args.budget - (time.monotonic() - start)
-            if left < 20:
+            left = deadline - time.monotonic() - RESERVE
+            if left < MIN_RUN:
                 row = {"run": check.name, "status": "skipped: out of time (--budget)"}
             else:
                 command, out_dir = train_command(check, work, data, gpu)
                 log_path = logs / (re.sub(r"\W+", "_", check.name) + ".log")
-                row = measure(check, command, out_dir, log_path, env, min(check.timeout, left), gpu)
-                if gpu:
-                    wait_for_gpu_to_empty()
+                timeout = min(check.timeout, left)
+                row = measure(check, command, out_dir, log_path, env, timeout, uuid)
+                wait_for_gpu_to_empty(uuid, timeout=min(30, deadline - time.monotonic() - RESERVE))
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)
         text = f"{header}\n\n{table(rows)}\n"

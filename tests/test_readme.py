@@ -25,6 +25,7 @@ Markers, an HTML comment on the line before a block (invisible on GitHub):
   output block (which shows the full run).
 """
 
+import difflib
 import os
 import re
 import shutil
@@ -47,6 +48,7 @@ VOLATILE = re.compile(
     r"^\s*(ms|s\b|tok/s|GB|MB|KB|TFLOP/s|GFLOP/s|%|x faster|× faster|steps?/s|it/s)"
 )
 VOLATILE_AFTER = re.compile(r"(MFU|mem|port|pid|PID)\s*$")
+STEPS_05_06 = ("05_gpt_ddp", "06_llama_ddp")
 SKIPPED = []  # (block, reason), reported in the test summary by conftest.py
 TIMES = []  # (block, seconds), reported there too
 
@@ -273,6 +275,7 @@ def test_every_script_the_readme_names_exists():
     named = set(re.findall(r"[\w./-]+\.(?:py|sh)\b", README))
     folders = [ROOT, *(ROOT / d for d in ("slurm", "tests", "05_gpt_ddp", "06_llama_ddp"))]
     folders.append(ROOT / "07_ddp_from_scratch")
+    folders.append(ROOT / "08_fsdp")
     missing = sorted(n for n in named if not any((d / n).exists() for d in folders))
     assert len(named) > 20 and not missing, missing
 
@@ -321,3 +324,20 @@ def test_the_comparison_catches_a_wrong_number_and_allows_rounding():
         is None
     )
     assert compare("... failed (exitcode: -9)", "E1 x failed (exitcode: -15)")
+
+
+def test_step_06_lesson_lines_are_what_its_diff_with_step_05_adds():
+    """The chapter says the diff of 05's and 06's train.py is its lesson: each line it shows as the
+    lesson is one the diff adds, unless the line says it is there "as in step 05"."""
+    chapter = README.split("## Step 06", 1)[1].split("\n## ", 1)[0]
+    lesson = re.search(r"```python\n(.+?)\n```", chapter, re.S)[1].splitlines()
+    old, new = ((ROOT / f / "train.py").read_text().splitlines() for f in STEPS_05_06)
+    added = [line for line in difflib.ndiff(old, new) if line.startswith("+ ")]
+    for line in lesson:
+        code, _, comment = line.partition("  #")
+        key = code.split("(")[0].strip()  # the call or assignment, as the script spells it
+        in_diff = any(key in a for a in added)
+        if "as in step 05" in comment:
+            assert not in_diff and all(key in "\n".join(t) for t in (old, new)), line
+        else:
+            assert in_diff, f"README's step 06 shows {line!r}, which the diff does not add"

@@ -20,9 +20,6 @@ Markers, an HTML comment on the line before a block (invisible on GitHub):
 - `<!-- readme-test: skip REASON -->`: not run here (a GPU, a real cluster, the two set-up
   commands, which `.ci/run` runs verbatim on a fresh clone); every skipped block is listed in the
   test summary with its reason.
-- `<!-- readme-test: shorten OLD => NEW; expect FILE -->`: too long for CI; it runs with OLD
-  replaced by NEW and is compared with tests/readme_expected/FILE instead of the README's own
-  output block (which shows the full run).
 """
 
 import difflib
@@ -40,7 +37,6 @@ from helpers import ROOT
 
 README_PATH = ROOT / "README.md"
 README = README_PATH.read_text()
-EXPECTED_DIR = ROOT / "tests" / "readme_expected"
 TOLERANCE = 3  # units of the last printed digit, for decimals; integers must be equal
 BLOCK_TIMEOUT = 300  # seconds for any one block
 # a number followed by one of these is a measurement of the machine: not compared
@@ -157,15 +153,6 @@ def compare(expected_text, output):
     return None
 
 
-def shortened(block):
-    """For a `shorten` marker: the command to run and the file of its expected output."""
-    m = re.fullmatch(r"shorten (.+?) => (.+?); expect (\S+)", block.marker)
-    assert m, f"README.md:{block.line}: bad marker {block.marker!r}"
-    old, new, name = m.groups()
-    assert old in block.body, f"README.md:{block.line}: {old!r} is not in the command"
-    return block.body.replace(old, new), (EXPECTED_DIR / name).read_text()
-
-
 def scratch_copy(tmp_path):
     """The repository as a fresh clone has it (tracked files and new files, nothing ignored), with
     the venv these tests run in as its `.venv`: the README's set-up command made it in CI."""
@@ -221,10 +208,7 @@ def test_readme_markers_are_well_formed():
     commands = parse(README)
     assert len(commands) >= 15
     markers = re.findall(r"<!-- readme-test: (.*?) -->", README)
-    assert all(re.match(r"(skip \S|output$|shorten .+ => .+; expect \S+$)", m) for m in markers)
-    for b in commands:
-        if b.marker.startswith("shorten"):
-            shortened(b)
+    assert all(re.match(r"(skip \S|output$)", m) for m in markers)
     checked = [b for b in commands if b.outputs and not b.marker]
     assert len(checked) >= 10, "most commands must show what they print"
 
@@ -242,10 +226,6 @@ def test_readme_commands_run_verbatim_and_print_what_it_shows(tmp_path):
             SKIPPED.append((block.title(), block.marker[5:]))
             continue
         command, expected = block.body, [o.body for o in block.outputs]
-        if block.marker.startswith("shorten"):
-            command, short_expected = shortened(block)
-            SKIPPED.append((block.title(), f"shortened for CI: {block.marker}"))
-            expected = [short_expected]
         start = time.monotonic()
         code, output = run_block(command, work)
         TIMES.append((block.title(), time.monotonic() - start))
